@@ -1,4 +1,4 @@
-"""The one exception type cljax raises for bad input, so callers and the CLI can report it cleanly."""
+"""The one exception type cljax raises for bad input, so callers and the CLI report it cleanly."""
 
 
 class CljaxError(ValueError):

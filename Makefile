@@ -1,0 +1,57 @@
+# cljax: every target does its own set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VARIANT ?= agem_new
+ARGS ?=
+EXTRAS ?= tfds,plot,test,lint
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
+
+.PHONY: setup data run test lint format bench-qp clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+# Real Fashion-MNIST from Debian's package (offline-installable); otherwise say how to get it.
+data:
+	@if [ -n "$$CLJAX_DATA" ] || [ -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ]; then \
+	  echo "data: Fashion-MNIST IDX files found in $${CLJAX_DATA:-$(FMNIST_DIR)}"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "data: installing Debian's dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)); \
+	else \
+	  echo "data: Fashion-MNIST not found in $(FMNIST_DIR). Either run"; \
+	  echo "        sudo apt-get install dataset-fashion-mnist"; \
+	  echo "      or point CLJAX_DATA / --data_path at a folder of the four IDX .gz files,"; \
+	  echo "      or use TFDS: pip install 'cljax[tfds]' and pass --source tfds (needs internet or a TFDS data_dir)."; \
+	  exit 1; \
+	fi
+
+run: setup data
+	$(PY) -m cljax --model $(VARIANT) $(ARGS)
+
+test: setup data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-qp: setup
+	$(PY) experiments/bench_qp.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis results
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
