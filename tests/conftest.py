@@ -1,0 +1,100 @@
+"""Shared fixtures: generated IDX files, a small synthetic dataset, the real Fashion-MNIST files."""
+
+import gzip
+import os
+import struct
+import types
+
+import numpy as np
+import pytest
+
+from cljax import data
+
+REAL_FASHION_DIR = data.DEFAULT_DATA_PATH
+
+
+def idx_bytes(array, *, dtype_code=0x08, magic_zero=b"\x00\x00"):
+  """IDX encoding of a uint8 array: magic, big-endian dims, payload."""
+  array = np.asarray(array, dtype=np.uint8)
+  header = magic_zero + bytes([dtype_code, array.ndim])
+  header += struct.pack(f">{array.ndim}I", *array.shape)
+  return header + array.tobytes()
+
+
+def write_idx_file(path, array=None, *, raw=None, gz=None, **kwargs):
+  """Writes an IDX file (gzipped if the name ends in .gz, unless gz says otherwise)."""
+  payload = raw if raw is not None else idx_bytes(array, **kwargs)
+  if gz if gz is not None else str(path).endswith(".gz"):
+    payload = gzip.compress(payload)
+  with open(path, "wb") as f:
+    f.write(payload)
+  return path
+
+
+def write_idx_dir(directory, *, n_train=60, n_test=20, seed=0, gz=True):
+  """Writes the 4 standard IDX files of a small random dataset; returns the arrays written."""
+  rng = np.random.default_rng(seed)
+  arrays = {
+    ("train", "images"): rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+    ("train", "labels"): rng.integers(0, 10, (n_train,), dtype=np.uint8),
+    ("test", "images"): rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+    ("test", "labels"): rng.integers(0, 10, (n_test,), dtype=np.uint8),
+  }
+  os.makedirs(directory, exist_ok=True)
+  for key, array in arrays.items():
+    name = data.IDX_FILES[key] + (".gz" if gz else "")
+    write_idx_file(os.path.join(directory, name), array)
+  return arrays
+
+
+@pytest.fixture
+def idx_tools():
+  """The IDX helpers: .encode(array, ...), .write(path, array, ...), .write_dir(directory, ...)."""
+  return types.SimpleNamespace(encode=idx_bytes, write=write_idx_file, write_dir=write_idx_dir)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+  """A directory of small valid gzipped IDX files; yields (path, arrays)."""
+  directory = tmp_path / "idx"
+  return str(directory), write_idx_dir(directory)
+
+
+@pytest.fixture
+def no_data_env(monkeypatch):
+  """Unsets $CLJAX_DATA so path resolution is the test's own."""
+  monkeypatch.delenv(data.DATA_PATH_ENV, raising=False)
+
+
+@pytest.fixture
+def small_dataset():
+  """A synthetic Dataset: 300 train / 50 test random 28x28 uint8 images."""
+  rng = np.random.default_rng(1)
+  return data.Dataset(
+    name="fashion_mnist",
+    train=data.Split(
+      rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+      rng.integers(0, 10, (300,)).astype(np.int32),
+    ),
+    test=data.Split(
+      rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+      rng.integers(0, 10, (50,)).astype(np.int32),
+    ),
+  )
+
+
+@pytest.fixture
+def real_fashion_dir():
+  """The real Fashion-MNIST IDX directory; skipped when absent, but a failure on CI."""
+  present = all(
+    os.path.isfile(os.path.join(REAL_FASHION_DIR, stem + ".gz")) for stem in data.IDX_FILES.values()
+  )
+  if not present:
+    message = (
+      f"real Fashion-MNIST IDX files not in {REAL_FASHION_DIR}: run `make data` "
+      "(apt-get install dataset-fashion-mnist)"
+    )
+    if os.environ.get("CI"):
+      pytest.fail("CI is set but " + message)
+    pytest.skip(message)
+  return REAL_FASHION_DIR
