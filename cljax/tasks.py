@@ -34,10 +34,10 @@ class TaskStream(NamedTuple):
   Attributes:
     train_x: (N_train, D) uint8 base training images, D = H * W (784), shared by all tasks.
     train_y: (N_train,) int32 labels.
-    test_x: (N_test, D) uint8 base test images.
-    test_y: (N_test,) int32 labels.
+    test_x: (S_test, D) uint8 base test images: every task's test set is all of them, seen
+      through that task's pixel map (the whole test split, or the test_samples subset).
+    test_y: (S_test,) int32 labels.
     train_idx: (T, S) int32: task t's S = samples_per_task training examples, in training order.
-    test_idx: (T, S_test) int32: task t's test examples (indices into the test split).
     pix_idx: (T, D, K) int32: output pixel i of task t reads input pixels pix_idx[t, i, :].
     pix_w: (T, D, K) float32: with weights pix_w[t, i, :] (K = 1, w = 1 for permutations;
       K = 4 bilinear or K = 1 nearest for rotations).
@@ -48,7 +48,6 @@ class TaskStream(NamedTuple):
   test_x: jax.Array
   test_y: jax.Array
   train_idx: jax.Array
-  test_idx: jax.Array
   pix_idx: jax.Array
   pix_w: jax.Array
 
@@ -295,7 +294,7 @@ def make_stream(
   else:
     s_test = _clamp(test_samples, n_test, "test_samples")
     test_rows = np.sort(_rng(seed, _RNG_TEST).choice(n_test, size=s_test, replace=False))
-  test_idx = np.broadcast_to(test_rows, (n_tasks, test_rows.size))
+  test_x, test_y = test_x[test_rows], test_y[test_rows]
 
   return TaskStream(
     train_x=jnp.asarray(train_x),
@@ -303,7 +302,6 @@ def make_stream(
     test_x=jnp.asarray(test_x),
     test_y=jnp.asarray(test_y),
     train_idx=jnp.asarray(train_idx, dtype=jnp.int32),
-    test_idx=jnp.asarray(test_idx, dtype=jnp.int32),
     pix_idx=jnp.asarray(pix_idx, dtype=jnp.int32),
     pix_w=jnp.asarray(pix_w, dtype=jnp.float32),
   )
@@ -376,11 +374,9 @@ def eval_set(stream: TaskStream, t: int | jax.Array) -> tuple[jax.Array, jax.Arr
   Returns:
     x (S_test, D) float32 in [0, 1] and y (S_test,) int32.
   """
-  rows = lax.dynamic_index_in_dim(stream.test_idx, t, axis=0, keepdims=False)
   pix_idx = lax.dynamic_index_in_dim(stream.pix_idx, t, axis=0, keepdims=False)
   pix_w = lax.dynamic_index_in_dim(stream.pix_w, t, axis=0, keepdims=False)
-  x = apply_transform(jnp.take(stream.test_x, rows, axis=0), pix_idx, pix_w)
-  return x, jnp.take(stream.test_y, rows, axis=0)
+  return apply_transform(stream.test_x, pix_idx, pix_w), stream.test_y
 
 
 def stream_nbytes(stream: TaskStream) -> int:

@@ -161,15 +161,14 @@ def test_make_stream_shapes(small_dataset, protocol, k):
   chex.assert_shape(stream.train_x, (300, D))
   chex.assert_shape(stream.test_x, (50, D))
   chex.assert_shape(stream.train_idx, (3, 40))
-  chex.assert_shape(stream.test_idx, (3, 50))
   chex.assert_shape([stream.pix_idx, stream.pix_w], (3, D, k))
   assert stream.train_x.dtype == jnp.uint8 and stream.train_y.dtype == jnp.int32
   assert stream.train_idx.dtype == jnp.int32 and stream.pix_w.dtype == jnp.float32
   np.testing.assert_array_equal(stream.train_x, small_dataset.train.images.reshape(300, D))
   for row in np.asarray(stream.train_idx):
     assert len(set(row.tolist())) == 40 and row.min() >= 0 and row.max() < 300  # no replacement
-  for row in np.asarray(stream.test_idx):
-    np.testing.assert_array_equal(row, np.arange(50))  # default: the full test split, as GEM
+  # Default: the full test split for every task, as GEM.
+  np.testing.assert_array_equal(stream.test_x, small_dataset.test.images.reshape(50, D))
 
 
 @pytest.mark.parametrize("protocol", tasks.PROTOCOLS)
@@ -190,7 +189,7 @@ def test_determinism(small_dataset):
   b = tasks.make_stream(small_dataset, seed=5, **kwargs)
   c = tasks.make_stream(small_dataset, seed=6, **kwargs)
   chex.assert_trees_all_equal(a, b)
-  for name in ("train_idx", "test_idx", "pix_w"):
+  for name in ("train_idx", "test_x", "pix_w"):
     assert not np.array_equal(getattr(a, name), getattr(c, name)), name
   # The transforms do not depend on samples_per_task (independent RNG streams).
   d = tasks.make_stream(small_dataset, seed=5, **{**kwargs, "samples_per_task": 10})
@@ -201,10 +200,12 @@ def test_test_samples_subset_shared_by_tasks(small_dataset):
   stream = tasks.make_stream(
     small_dataset, protocol="permutations", n_tasks=3, samples_per_task=5, test_samples=12
   )
-  rows = np.asarray(stream.test_idx)
-  assert rows.shape == (3, 12)
-  assert np.all(rows == rows[0]) and np.all(np.diff(rows[0]) > 0) and rows.max() < 50
-  assert not np.array_equal(rows[0], np.arange(12))  # a random subset, not the first 12
+  base = small_dataset.test.images.reshape(50, D)
+  assert stream.test_x.shape == (12, D) and stream.test_y.shape == (12,)
+  # Which base examples were kept: a sorted random subset, not the first 12.
+  rows = [int(np.flatnonzero((base == x).all(axis=1))[0]) for x in np.asarray(stream.test_x)]
+  assert np.all(np.diff(rows) > 0) and rows != list(range(12))
+  np.testing.assert_array_equal(stream.test_y, small_dataset.test.labels[rows])
 
 
 def test_stream_memory_does_not_scale_with_tasks():
@@ -219,7 +220,7 @@ def test_stream_memory_does_not_scale_with_tasks():
   many = tasks.make_stream(zeros, n_tasks=20, **kwargs)
   for name in ("train_x", "train_y", "test_x", "test_y"):
     assert getattr(one, name).shape == getattr(many, name).shape, name
-  per_task = 1000 * 4 + 10000 * 4 + D * 1 * (4 + 4)  # train_idx, test_idx, pix_idx + pix_w
+  per_task = 1000 * 4 + D * 1 * (4 + 4)  # train_idx, pix_idx + pix_w
   assert tasks.stream_nbytes(many) - tasks.stream_nbytes(one) == 19 * per_task
   assert tasks.stream_nbytes(many) < 60 * 2**20  # vs 20 float32 copies: 4.4 GiB
 
@@ -325,7 +326,7 @@ def test_samples_per_task_too_large_warns_and_clamps(small_dataset):
     stream = tasks.make_stream(
       small_dataset, protocol="permutations", n_tasks=2, samples_per_task=5, test_samples=99
     )
-  np.testing.assert_array_equal(stream.test_idx[1], np.arange(50))
+  assert stream.test_x.shape[0] == 50
 
 
 def test_malformed_dataset():

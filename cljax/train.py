@@ -1,0 +1,500 @@
+"""The continual-learning run: GEM / A-GEM variants as one jit-compiled scan over tasks and steps.
+
+`make_train(config)` closes over a static `Config` and returns `train(key, stream, hparams)`:
+
+    run = jax.jit(make_train(config))
+    result = run(jax.random.key(3), stream)           # RunResult: (T, T) accuracies and counters
+
+Structure: a `lax.scan` over tasks; within a task a scan over chunks of `log_every` steps, each a
+scan over the chunk's training steps followed by an evaluation of all T test sets.
+Every shape is fixed: the episodic memory is (T, n_memories, D) from the start, past tasks are a
+mask, so the run compiles once whatever T is.
+
+One training step (GEM's `observe`): write the batch into task t's ring-buffer memory, take the
+gradient g of the batch loss, compute what the variant needs from the memories of past tasks
+(with the current parameters), project g, and apply SGD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cljax import tasks
+from cljax.errors import CljaxError
+from cljax.models import make_mlp
+from cljax.projections import agem_project, gem_project, project_orthogonal
+
+VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean")
+AGEM_REFS = ("pooled", "task_mean")
+_MEMORY_VARIANTS = frozenset(VARIANTS) - {"single"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static settings of a run (hashable; closed over, never traced).
+
+  Attributes:
+    variant: one of VARIANTS (see `project_step` for each rule).
+    batch_size: examples per step (GEM: 1).
+    lr: SGD learning rate (default for `HParams.lr`).
+    n_memories: episodic-memory slots per task.
+    memory_strength: GEM's margin, v >= memory_strength in the dual QP (default for HParams).
+    n_layers, n_hiddens: the MLP's hidden layers and width.
+    init: "torch" (PyTorch nn.Linear's uniform init, as the GEM code) or "flax".
+    agem_ref: A-GEM's reference gradient: "pooled" (a sample of replay_batch_size examples of the
+      pooled memory of past tasks, as the A-GEM paper) or "task_mean" (mean of per-task memory
+      gradients).
+    replay_batch_size: the pooled sample's size.
+    log_every: evaluate all tasks every log_every steps of a task (0: only at task ends).
+    eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
+    eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
+    qp_max_iter: the QP solver's iteration cap.
+  """
+
+  variant: str = "agem_new"
+  batch_size: int = 1
+  lr: float = 0.01
+  n_memories: int = 10
+  memory_strength: float = 10.0
+  n_layers: int = 2
+  n_hiddens: int = 100
+  init: str = "torch"
+  agem_ref: str = "pooled"
+  replay_batch_size: int = 10
+  log_every: int = 100
+  eps: float = 1e-3
+  eval_batch_size: int = 2000
+  qp_max_iter: int = 1000
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise CljaxError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}.")
+    if self.agem_ref not in AGEM_REFS:
+      raise CljaxError(f"unknown agem_ref {self.agem_ref!r}: choose one of {', '.join(AGEM_REFS)}.")
+    if not self.lr > 0:
+      raise CljaxError(f"lr must be > 0, got {self.lr}.")
+    if self.memory_strength < 0:
+      raise CljaxError(f"memory_strength must be >= 0, got {self.memory_strength}.")
+    if self.eps < 0:
+      raise CljaxError(f"eps must be >= 0, got {self.eps}.")
+    for name in ("batch_size", "eval_batch_size", "qp_max_iter"):
+      if getattr(self, name) < 1:
+        raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if self.variant in _MEMORY_VARIANTS and self.n_memories < 1:
+      raise CljaxError(f"variant {self.variant!r} needs n_memories >= 1, got {self.n_memories}.")
+    if self.variant == "agem" and self.agem_ref == "pooled" and self.replay_batch_size < 1:
+      raise CljaxError(f"replay_batch_size must be >= 1, got {self.replay_batch_size}.")
+    if self.log_every < 0:
+      raise CljaxError(
+        f"log_every must be >= 0 (0: evaluate only at task ends), got {self.log_every}."
+      )
+    make_mlp(self.n_hiddens, self.n_layers, init=self.init)  # validates the network's settings
+
+
+class HParams(NamedTuple):
+  """Hyper-parameters that do not change shapes: traced, so a sweep over them compiles once."""
+
+  lr: jax.Array  # () SGD learning rate
+  memory_strength: jax.Array  # () GEM's margin
+
+
+class Memory(NamedTuple):
+  """GEM's episodic memory: n_memories slots per task, filled as a ring buffer.
+
+  x: (T, M, D) float32 examples (already transformed); y: (T, M) int32 labels;
+  filled: (T, M) bool, slots written so far; cursor: () int32, the next slot (shared across
+  tasks, as GEM's `mem_cnt`).
+  """
+
+  x: jax.Array
+  y: jax.Array
+  filled: jax.Array
+  cursor: jax.Array
+
+
+class TrainState(NamedTuple):
+  """The scan's carry."""
+
+  params: Any  # Flax params pytree
+  opt_state: Any  # optax state
+  memory: Memory
+  step: jax.Array  # () int32 global step count (all tasks)
+  diverged: jax.Array  # () bool: parameters went non-finite; later steps are skipped
+
+
+class StepStats(NamedTuple):
+  """Per-step diagnostics, reduced per task into `TaskCounters`."""
+
+  ran: jax.Array  # () bool: a real step (not padding, not after divergence)
+  loss: jax.Array  # () batch loss before the update
+  violated: jax.Array  # () bool: the variant's trigger fired (a constraint was violated)
+  projected: jax.Array  # () bool: g was changed
+  qp_iterations: jax.Array  # () int32 (0 without a QP)
+  kkt: jax.Array  # () the QP's KKT residual (0 without a QP)
+  qp_failed: jax.Array  # () bool: a QP ran and did not converge
+
+
+class TaskCounters(NamedTuple):
+  """Per-task counts, each (T,): what the projections did while training that task."""
+
+  steps: jax.Array
+  violations: jax.Array
+  projections: jax.Array
+  qp_iterations: jax.Array  # summed over the task's steps
+  qp_iterations_max: jax.Array
+  kkt_max: jax.Array  # the worst KKT residual
+  qp_failures: jax.Array
+  mean_loss: jax.Array
+
+
+class RunResult(NamedTuple):
+  """What a run returns (all arrays; leading batch axes under vmap).
+
+  acc: (T, T) R[i, j] = test accuracy on task j after training task i (= curve[:, -1]).
+  baseline: (T,) accuracies before any training (for forward transfer).
+  curve: (T, C, T) accuracies on all tasks after each of task i's C chunks of log_every steps.
+  curve_step: (T, C) the global step count at each curve point.
+  counters: TaskCounters.
+  finite: (T,) whether the parameters were finite after each task.
+  params: the final parameters.
+  """
+
+  acc: jax.Array
+  baseline: jax.Array
+  curve: jax.Array
+  curve_step: jax.Array
+  counters: TaskCounters
+  finite: jax.Array
+  params: Any
+
+
+def default_hparams(config: Config) -> HParams:
+  """The config's lr and memory_strength as float32 arrays."""
+  return HParams(
+    jnp.asarray(config.lr, jnp.float32), jnp.asarray(config.memory_strength, jnp.float32)
+  )
+
+
+def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
+  """(steps per task, steps per evaluation chunk, chunks per task) for this stream.
+
+  Steps per task = samples_per_task // batch_size (a last partial batch is dropped). All tasks are
+  evaluated before training and after every chunk of log_every steps of a task, the last chunk
+  ending the task: when log_every divides the steps per task these are exactly GEM's evaluation
+  points (`i % log_every == 0` and the end). A last, shorter chunk is padded with skipped steps.
+  """
+  samples = stream.train_idx.shape[1]
+  if config.batch_size > samples:
+    raise CljaxError(
+      f"batch_size {config.batch_size} is larger than samples_per_task {samples}: lower batch_size."
+    )
+  steps = samples // config.batch_size
+  chunk = steps if config.log_every == 0 else min(config.log_every, steps)
+  return steps, chunk, math.ceil(steps / chunk)
+
+
+def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = None):
+  """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
+
+  The returned function takes a PRNG key (model init and A-GEM's memory samples), a
+  `tasks.TaskStream`, and optional `HParams` (default: the config's).
+
+  Args:
+    config: the static `Config`.
+    progress: optional host function progress(t, acc_row) called once at the end of each task
+      (through `jax.debug.callback`, outside the steps), e.g. to print a progress line.
+  """
+  model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
+  variant = config.variant
+
+  def batch_loss(params, x, y):
+    return jnp.mean(_cross_entropy(model.apply({"params": params}, x), y))
+
+  def weighted_loss(params, x, y, w):
+    """Sum over examples of w * CE: x (..., D), y (...), w (...) non-negative weights."""
+    logits = model.apply({"params": params}, x.reshape(-1, x.shape[-1]))
+    return jnp.sum(w.reshape(-1) * _cross_entropy(logits, y.reshape(-1)))
+
+  def past_weights(memory: Memory, t: jax.Array) -> jax.Array:
+    """(T, M) weights of task k's mean memory loss: 1 / (its filled slots) on them, 0 for k >= t."""
+    w = (memory.filled & (jnp.arange(memory.x.shape[0]) < t)[:, None]).astype(jnp.float32)
+    return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
+
+  def past_losses(params, memory: Memory, t: jax.Array) -> jax.Array:
+    """(T,) L_k = task k's mean memory loss for k < t (0 for k >= t), one batch over all slots."""
+    logits = model.apply({"params": params}, memory.x.reshape(-1, memory.x.shape[-1]))
+    ce = _cross_entropy(logits, memory.y.reshape(-1)).reshape(memory.y.shape)
+    return jnp.sum(past_weights(memory, t) * ce, axis=1)
+
+  def past_dots(params, memory: Memory, t: jax.Array, g) -> jax.Array:
+    """(T,) <g, grad L_k>: GEM's per-task conflict check, as one forward-mode pass along g."""
+    return jax.jvp(lambda p: past_losses(p, memory, t), (params,), (g,))[1]
+
+  def past_sum_grad(params, memory: Memory, t: jax.Array):
+    """Gradient of sum_{k<t} L_k (the seed's "accumulated" memory loss), one backward pass."""
+    return jax.grad(lambda p: jnp.sum(past_losses(p, memory, t)))(params)
+
+  def past_rows(params, memory: Memory, t: jax.Array):
+    """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
+
+    One task at a time, so the work grows with the number of past tasks, not with T.
+    """
+    w = past_weights(memory, t)
+    rows = jax.tree.map(lambda z: jnp.zeros((memory.x.shape[0], *z.shape), z.dtype), params)
+
+    def body(k, rows):
+      row = jax.grad(weighted_loss)(params, memory.x[k], memory.y[k], w[k])
+      return jax.tree.map(lambda buf, r: buf.at[k].set(r), rows, row)
+
+    return jax.lax.fori_loop(0, t, body, rows)
+
+  def pooled_ref(params, memory: Memory, past: jax.Array, key: jax.Array):
+    """A-GEM's reference gradient, on a sample of the pooled memory of past tasks.
+
+    replay_batch_size examples are drawn uniformly without replacement (Gumbel top-k) from the
+    filled slots of tasks k < t, as the A-GEM paper samples its episodic memory.
+    """
+    avail = (memory.filled & past[:, None]).reshape(-1)
+    k = min(config.replay_batch_size, avail.shape[0])
+    scores = jnp.where(avail, jax.random.gumbel(key, avail.shape), -jnp.inf)
+    _, idx = jax.lax.top_k(scores, k)
+    w = avail[idx].astype(jnp.float32)
+    w = w / jnp.maximum(jnp.sum(w), 1.0)
+    x = memory.x.reshape(-1, memory.x.shape[-1])[idx]
+    y = memory.y.reshape(-1)[idx]
+    return jax.grad(weighted_loss)(params, x, y, w)
+
+  def project_step(g, params, memory: Memory, t: jax.Array, hp: HParams, key: jax.Array):
+    """The variant's rule: (g, memory of the past tasks k < t) -> (g~, StepStats fields)."""
+    past = jnp.arange(memory.x.shape[0]) < t
+    zero_i, zero_f, false = (
+      jnp.zeros((), jnp.int32),
+      jnp.zeros((), jnp.float32),
+      jnp.zeros((), bool),
+    )
+    if variant == "single":
+      return g, (false, false, zero_i, zero_f, false)
+
+    if variant == "agem" and config.agem_ref == "pooled":
+      ref = pooled_ref(params, memory, past, key)
+      dot = _tree_vdot(g, ref)
+      violated = dot < 0
+      return agem_project(g, ref), (violated, violated, zero_i, zero_f, false)
+
+    if variant == "gem":
+      g_new, info = gem_project(
+        g,
+        past_rows(params, memory, t),
+        margin=hp.memory_strength,
+        mask=past,
+        eps=config.eps,
+        max_iter=config.qp_max_iter,
+      )
+      return g_new, _qp_stats(info.violated, info.projected, info.qp)
+
+    row_sum = past_sum_grad(params, memory, t)
+    mean_row = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
+    if variant == "agem":  # task_mean reference, the paper's conditional rule
+      violated = _tree_vdot(g, mean_row) < 0
+      return agem_project(g, mean_row), (violated, violated, zero_i, zero_f, false)
+
+    any_conflict = jnp.any((past_dots(params, memory, t, g) < 0) & past)
+    if variant == "agem_new":  # seed way 2: GEM's per-task trigger, unconditional removal
+      g_new = project_orthogonal(g, mean_row)
+      g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_new, g)
+      return g_new, (any_conflict, any_conflict, zero_i, zero_f, false)
+
+    one_row = row_sum if variant == "agem_old" else mean_row
+    one_row = jax.tree.map(lambda r: r[None], one_row)
+    if variant == "agem_old":  # seed way 1: the summed row, GEM's QP and its own trigger
+      g_new, info = gem_project(
+        g, one_row, margin=hp.memory_strength, eps=config.eps, max_iter=config.qp_max_iter
+      )
+      return g_new, _qp_stats(info.violated, info.projected, info.qp)
+
+    # agem_qp_mean, seed way 3: the mean row into GEM's QP, when GEM's per-task check fires.
+    g_qp, info = gem_project(
+      g,
+      one_row,
+      margin=hp.memory_strength,
+      eps=config.eps,
+      only_if_violated=False,
+      max_iter=config.qp_max_iter,
+    )
+    g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_qp, g)
+    return g_new, _qp_stats(any_conflict, any_conflict, info.qp)
+
+  def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
+    """(T,) test accuracy on every task.
+
+    Each task's pixel map A_t is linear, so it is folded into the first layer instead of applied
+    to the images: (A_t x) W = x (A_t' W). All T tasks then share one matrix product with the base
+    test images, in batches of eval_batch_size examples (memory: batch x T x n_hiddens floats).
+    """
+    n_test = stream.test_x.shape[0]
+    bs = min(config.eval_batch_size, n_test)
+    n_batches = math.ceil(n_test / bs)
+    pad = n_batches * bs - n_test
+    task_params = jax.vmap(lambda i, w: _fold_pixel_map(params, i, w))(stream.pix_idx, stream.pix_w)
+    x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
+    y_all = jnp.pad(stream.test_y, (0, pad), constant_values=-1).reshape(n_batches, bs)
+
+    def one_batch(args):
+      x, y = args
+      x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
+      logits = jax.vmap(lambda p: model.apply({"params": p}, x))(task_params)  # (T, bs, classes)
+      return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
+
+    correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
+    return correct.astype(jnp.float32) / n_test
+
+  def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
+    hp = default_hparams(config) if hparams is None else hparams
+    T = stream.train_idx.shape[0]
+    D = stream.train_x.shape[1]
+    steps, chunk, n_chunks = schedule(config, stream)
+    init_key, step_key = jax.random.split(key)
+    params = model.init(init_key, jnp.zeros((1, D), jnp.float32))["params"]
+    opt = optax.sgd(hp.lr)
+    M = config.n_memories if variant in _MEMORY_VARIANTS else 1
+    memory = Memory(
+      x=jnp.zeros((T, M, D), jnp.float32),
+      y=jnp.zeros((T, M), jnp.int32),
+      filled=jnp.zeros((T, M), bool),
+      cursor=jnp.zeros((), jnp.int32),
+    )
+    state = TrainState(
+      params, opt.init(params), memory, jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+    )
+
+    def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+      x, y = tasks.train_batch(stream, t, j, config.batch_size)
+      memory = write_memory(state.memory, t, x, y) if variant in _MEMORY_VARIANTS else state.memory
+      loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
+      key = jax.random.fold_in(step_key, state.step)
+      g, (violated, projected, qp_it, kkt, qp_failed) = project_step(
+        g, state.params, memory, t, hp, key
+      )
+      updates, opt_state = opt.update(g, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      finite = _tree_all_finite(params)
+      new = TrainState(params, opt_state, memory, state.step + 1, ~finite)
+      return new, StepStats(jnp.ones((), bool), loss, violated, projected, qp_it, kkt, qp_failed)
+
+    def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+      del t, j
+      zero = StepStats(*(jnp.zeros((), f.dtype) for f in _STEP_FIELDS))
+      return state, zero
+
+    def step(state: TrainState, xs):
+      t, j = xs
+      valid = (j < steps) & ~state.diverged
+      return jax.lax.cond(valid, train_step, skip_step, state, t, jnp.minimum(j, steps - 1))
+
+    def chunk_then_eval(state: TrainState, xs):
+      t, c = xs
+      js = c * chunk + jnp.arange(chunk)
+      state, stats = jax.lax.scan(step, state, (jnp.full((chunk,), t), js))
+      return state, (evaluate(state.params, stream), state.step, stats)
+
+    def task(state: TrainState, t):
+      state, (curve, curve_step, stats) = jax.lax.scan(
+        chunk_then_eval, state, (jnp.full((n_chunks,), t), jnp.arange(n_chunks))
+      )
+      stats = jax.tree.map(lambda a: a.reshape(-1), stats)  # (C * chunk,)
+      if progress is not None:
+        jax.debug.callback(progress, t, curve[-1])
+      return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params))
+
+    baseline = evaluate(state.params, stream)
+    state, (curve, curve_step, counters, finite) = jax.lax.scan(task, state, jnp.arange(T))
+    return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params)
+
+  return train
+
+
+def write_memory(memory: Memory, t: jax.Array, x: jax.Array, y: jax.Array) -> Memory:
+  """Write a batch into task t's memory, as GEM's ring buffer.
+
+  The first min(B, M - cursor) examples go to slots cursor, cursor + 1, ...; the cursor wraps to 0
+  when it reaches M and is shared by all tasks (GEM's `mem_cnt`). x: (B, D), y: (B,).
+  """
+  M, B = memory.x.shape[1], x.shape[0]
+  slots = memory.cursor + jnp.arange(B)
+  fits = slots < M
+  slots = jnp.where(fits, slots, M)  # out of range: dropped
+  mx = memory.x.at[t, slots].set(x, mode="drop")
+  my = memory.y.at[t, slots].set(y, mode="drop")
+  mf = memory.filled.at[t, slots].set(True, mode="drop")
+  cursor = memory.cursor + jnp.sum(fits)
+  return Memory(mx, my, mf, jnp.where(cursor >= M, 0, cursor).astype(jnp.int32))
+
+
+def _fold_pixel_map(params, pix_idx: jax.Array, pix_w: jax.Array):
+  """Params whose first layer reads base images instead of the task's transformed ones.
+
+  W'[j] = sum over (i, k) with pix_idx[i, k] = j of pix_w[i, k] W[i], so x W' = (A x) W for the
+  task's pixel map A (pix_idx, pix_w: (D, K)).
+  """
+  kernel = params["hidden_0"]["kernel"]  # (D, H)
+  contrib = pix_w[..., None] * kernel[:, None, :]  # (D, K, H)
+  folded = jax.ops.segment_sum(
+    contrib.reshape(-1, kernel.shape[1]), pix_idx.reshape(-1), num_segments=kernel.shape[0]
+  )
+  return {**params, "hidden_0": {**params["hidden_0"], "kernel": folded}}
+
+
+def _qp_stats(violated, projected, info):
+  return (
+    violated,
+    projected,
+    info.iterations.astype(jnp.int32),
+    info.kkt.astype(jnp.float32),
+    projected & ~info.converged,
+  )
+
+
+_STEP_FIELDS = StepStats(
+  *(jnp.zeros((), d) for d in (bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool))
+)
+
+
+def _reduce(stats: StepStats) -> TaskCounters:
+  ran = stats.ran
+  return TaskCounters(
+    steps=jnp.sum(ran),
+    violations=jnp.sum(stats.violated),
+    projections=jnp.sum(stats.projected),
+    qp_iterations=jnp.sum(stats.qp_iterations),
+    qp_iterations_max=jnp.max(stats.qp_iterations),
+    kkt_max=jnp.max(stats.kkt),
+    qp_failures=jnp.sum(stats.qp_failed),
+    mean_loss=jnp.sum(jnp.where(ran, stats.loss, 0.0)) / jnp.maximum(jnp.sum(ran), 1),
+  )
+
+
+def _tree_vdot(a, b) -> jax.Array:
+  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _tree_rows_dot(rows, g) -> jax.Array:
+  """(T,) <row_t, g> for rows with a leading axis T."""
+  return sum(
+    r.reshape(r.shape[0], -1) @ v.reshape(-1)
+    for r, v in zip(jax.tree.leaves(rows), jax.tree.leaves(g), strict=True)
+  )
+
+
+def _tree_all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

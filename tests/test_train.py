@@ -1,0 +1,240 @@
+"""cljax.train: every variant on small real Fashion-MNIST runs, and the equalities of the math."""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import data, tasks
+from cljax.errors import CljaxError
+from cljax.models import make_mlp
+from cljax.train import VARIANTS, Config, HParams, Memory, make_train, schedule, write_memory
+
+N_TASKS, SAMPLES, TEST = 3, 300, 500
+
+
+@pytest.fixture(scope="module")
+def stream(request):
+  directory = request.getfixturevalue("real_fashion_dir")
+  dataset = data.load_dataset("fashion_mnist", data_path=directory, source="idx")
+  return tasks.make_stream(
+    dataset,
+    protocol="permutations",
+    n_tasks=N_TASKS,
+    samples_per_task=SAMPLES,
+    test_samples=TEST,
+    seed=0,
+  )
+
+
+@pytest.fixture(scope="module")
+def real_fashion_dir():
+  if not os.path.isfile(os.path.join(data.DEFAULT_DATA_PATH, "train-images-idx3-ubyte.gz")):
+    if os.environ.get("CI"):
+      pytest.fail(f"CI is set but Fashion-MNIST is not in {data.DEFAULT_DATA_PATH}: `make data`")
+    pytest.skip(f"Fashion-MNIST not in {data.DEFAULT_DATA_PATH}: run `make data`")
+  return data.DEFAULT_DATA_PATH
+
+
+def config(variant, **kw):
+  base = dict(variant=variant, n_memories=10, log_every=50, memory_strength=0.5, lr=0.02)
+  return Config(**{**base, **kw})
+
+
+_cache = {}
+
+
+def run(stream, cfg, key=0):
+  if (cfg, key) not in _cache:
+    _cache[(cfg, key)] = jax.jit(make_train(cfg))(jax.random.key(key), stream)
+  return _cache[(cfg, key)]
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("variant,ref", [(v, "pooled") for v in VARIANTS] + [("agem", "task_mean")])
+def test_every_variant_learns_and_counts_consistently(stream, variant, ref):
+  result = run(stream, config(variant, agem_ref=ref))
+  R, b = np.asarray(result.acc), np.asarray(result.baseline)
+  assert R.shape == (N_TASKS, N_TASKS) and b.shape == (N_TASKS,)
+  assert np.all(np.diag(R) > 0.3), R  # chance is 0.1
+  assert np.all(np.asarray(result.finite))
+  c = jax.tree.map(np.asarray, result.counters)
+  steps, chunk, n_chunks = schedule(config(variant), stream)
+  np.testing.assert_array_equal(c.steps, steps)
+  assert np.all(c.projections <= c.steps) and np.all(c.violations <= c.steps)
+  assert c.violations[0] == 0 and c.projections[0] == 0  # no past task during task 0
+  assert np.all(np.isfinite(c.mean_loss)) and np.all(c.mean_loss > 0)
+  if variant == "single":
+    assert np.all(c.violations == 0) and np.all(c.projections == 0)
+  else:
+    assert np.all(c.violations[1:] > 0), c.violations  # conflicts happen on permuted tasks
+  if variant in ("gem", "agem_old", "agem_qp_mean"):
+    assert np.all(c.qp_iterations >= c.projections)
+    assert np.all(c.qp_failures == 0) and np.all(c.kkt_max <= 1e-3)
+  else:
+    assert np.all(c.qp_iterations == 0)
+  if variant in ("agem",):
+    np.testing.assert_array_equal(c.projections, c.violations)  # conditional projection
+  # The curve's last point of each task is the matrix row; its steps are the chunk ends.
+  np.testing.assert_array_equal(np.asarray(result.curve)[:, -1], R)
+  expected = (np.arange(N_TASKS)[:, None] * steps) + chunk * (1 + np.arange(n_chunks))[None]
+  np.testing.assert_array_equal(
+    np.asarray(result.curve_step), np.minimum(expected, steps * (1 + np.arange(N_TASKS))[:, None])
+  )
+
+
+@pytest.mark.realdata
+def test_seed_agem_variants_coincide_with_margin_zero_and_no_ridge(stream):
+  # The summed row is a positive multiple of the mean row, a one-row QP with margin 0 is the
+  # closed form, and a trigger that fires where the QP returns v = 0 changes nothing.
+  results = [
+    run(stream, config(v, memory_strength=0.0, eps=0.0, agem_ref="task_mean"))
+    for v in ("agem", "agem_old", "agem_qp_mean")
+  ]
+  for other in results[1:]:
+    chex.assert_trees_all_close(other.params, results[0].params, atol=2e-5, rtol=1e-4)
+  # ... and they differ from GEM (one row per task) and from the seed's "new version".
+  gem = run(stream, config("gem", memory_strength=0.0, eps=0.0))
+  new = run(stream, config("agem_new", memory_strength=0.0, eps=0.0))
+  for other in (gem, new):
+    diff = jax.tree.map(
+      lambda a, b: float(jnp.max(jnp.abs(a - b))), other.params, results[0].params
+    )
+    assert max(jax.tree.leaves(diff)) > 1e-3
+
+
+@pytest.mark.realdata
+def test_same_seed_same_result_and_other_seed_differs(stream):
+  cfg = config("agem", agem_ref="pooled")
+  a = jax.jit(make_train(cfg))(jax.random.key(1), stream)
+  b = jax.jit(make_train(cfg))(jax.random.key(1), stream)
+  c = run(stream, cfg, key=2)
+  np.testing.assert_array_equal(np.asarray(a.acc), np.asarray(b.acc))
+  chex.assert_trees_all_equal(a.params, b.params)
+  assert not np.array_equal(np.asarray(a.acc), np.asarray(c.acc))
+
+
+@pytest.mark.realdata
+def test_folded_evaluation_equals_transforming_the_images(stream):
+  cfg = config("single")
+  result = run(stream, cfg)
+  model = make_mlp(cfg.n_hiddens, cfg.n_layers)
+  for t in range(N_TASKS):
+    x, y = tasks.eval_set(stream, t)
+    pred = jnp.argmax(model.apply({"params": result.params}, x), axis=-1)
+    direct = float(jnp.mean(pred == y))
+    assert float(result.acc[-1, t]) == pytest.approx(direct, abs=2.0 / TEST)
+
+
+@pytest.mark.realdata
+def test_one_compile_and_no_growth_with_tasks(stream):
+  cfg = config("gem", log_every=0)
+  sizes = []
+  for T in (2, 3):
+    small = stream._replace(
+      train_idx=stream.train_idx[:T], pix_idx=stream.pix_idx[:T], pix_w=stream.pix_w[:T]
+    )
+    jaxpr = jax.make_jaxpr(make_train(cfg))(jax.random.key(0), small)
+    sizes.append(len(str(jaxpr)))
+  assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]  # the program does not unroll over tasks
+
+  traces = []
+
+  def counted(key, stream):
+    traces.append(1)
+    return make_train(cfg)(key, stream).acc
+
+  f = jax.jit(counted)
+  f(jax.random.key(0), stream)
+  f(jax.random.key(1), stream)
+  assert len(traces) == 1
+
+
+@pytest.mark.realdata
+def test_traced_hparams_match_static_config(stream):
+  cfg = config("gem")
+  static = run(stream, cfg)
+  traced = jax.jit(make_train(cfg))(
+    jax.random.key(0), stream, HParams(jnp.float32(cfg.lr), jnp.float32(cfg.memory_strength))
+  )
+  chex.assert_trees_all_close(static.params, traced.params, atol=1e-6)
+
+
+@pytest.mark.realdata
+def test_divergence_stops_training_and_keeps_earlier_results(stream):
+  # A learning rate that blows up: after the parameters go non-finite, steps are skipped.
+  result = run(stream, config("single", lr=1e4))
+  finite = np.asarray(result.finite)
+  assert not finite.all()
+  first_bad = int(np.argmin(finite))
+  steps = np.asarray(result.counters.steps)
+  assert np.all(steps[first_bad + 1 :] == 0)
+
+
+def gem_ring_buffer(batches, n_memories, n_tasks, dim):
+  """GEM's observe(): memory_data[t, mem_cnt:endcnt] = x[:effbsz]; mem_cnt wraps at M."""
+  mem = np.zeros((n_tasks, n_memories, dim), np.float32)
+  lab = np.zeros((n_tasks, n_memories), np.int32)
+  cnt = 0
+  for t, x, y in batches:
+    end = min(cnt + len(y), n_memories)
+    eff = end - cnt
+    mem[t, cnt:end] = x[:eff]
+    lab[t, cnt:end] = y[:eff]
+    cnt += eff
+    if cnt == n_memories:
+      cnt = 0
+  return mem, lab, cnt
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4])
+def test_memory_ring_buffer_follows_gem(batch):
+  T, M, D = 3, 4, 5
+  rng = np.random.default_rng(batch)
+  batches = [
+    (t, rng.standard_normal((batch, D)).astype(np.float32), rng.integers(0, 10, batch))
+    for t in (0, 0, 0, 1, 1, 2)
+  ]
+  memory = Memory(
+    jnp.zeros((T, M, D)), jnp.zeros((T, M), jnp.int32), jnp.zeros((T, M), bool), jnp.int32(0)
+  )
+  write = jax.jit(write_memory)
+  for t, x, y in batches:
+    memory = write(memory, t, x, y)
+  mem, lab, cnt = gem_ring_buffer(batches, M, T, D)
+  np.testing.assert_array_equal(np.asarray(memory.x), mem)
+  np.testing.assert_array_equal(np.asarray(memory.y), lab)
+  assert int(memory.cursor) == cnt
+  written = np.zeros((T, M), bool)
+  cursor = 0
+  for t, _, y in batches:
+    end = min(cursor + len(y), M)
+    written[t, cursor:end] = True
+    cursor = 0 if end == M else end
+  np.testing.assert_array_equal(np.asarray(memory.filled), written)
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(variant="nope"), "unknown variant 'nope': choose one of single, gem"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(variant="gem", n_memories=0), "needs n_memories >= 1"),
+    (dict(memory_strength=-1.0), "memory_strength must be >= 0"),
+    (dict(agem_ref="x"), "unknown agem_ref"),
+    (dict(log_every=-1), "log_every must be >= 0"),
+    (dict(n_layers=0), "n_layers"),
+  ],
+)
+def test_bad_config(kwargs, match):
+  with pytest.raises(CljaxError, match=match):
+    Config(**kwargs)
+
+
+def test_batch_larger_than_task(small_dataset):
+  stream = tasks.make_stream(small_dataset, protocol="permutations", n_tasks=2, samples_per_task=5)
+  with pytest.raises(CljaxError, match="batch_size 10 is larger than samples_per_task 5"):
+    schedule(Config(batch_size=10), stream)
