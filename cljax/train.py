@@ -231,19 +231,26 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     w = (memory.filled & (jnp.arange(memory.x.shape[0]) < t)[:, None]).astype(jnp.float32)
     return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
 
-  def past_losses(params, memory: Memory, t: jax.Array) -> jax.Array:
-    """(T,) L_k = task k's mean memory loss for k < t (0 for k >= t), one batch over all slots."""
-    logits = model.apply({"params": params}, memory.x.reshape(-1, memory.x.shape[-1]))
-    ce = _cross_entropy(logits, memory.y.reshape(-1)).reshape(memory.y.shape)
-    return jnp.sum(past_weights(memory, t) * ce, axis=1)
+  def past_grads(params, memory: Memory, t: jax.Array, g=None):
+    """The summed memory gradient of past tasks and, given g, GEM's per-task checks.
 
-  def past_dots(params, memory: Memory, t: jax.Array, g) -> jax.Array:
-    """(T,) <g, grad L_k>: GEM's per-task conflict check, as one forward-mode pass along g."""
-    return jax.jvp(lambda p: past_losses(p, memory, t), (params,), (g,))[1]
+    Returns sum_{k<t} grad L_k (the seed's "accumulated" memory loss gradient) and the (T,) checks
+    <g, grad L_k> (0 for k >= t), L_k = task k's mean memory loss with the current parameters.
+    One past task at a time, so the work grows with the number of past tasks, not with T; each
+    check is a forward-mode derivative of L_k along g (no p-length dot product).
+    """
+    w = past_weights(memory, t)
 
-  def past_sum_grad(params, memory: Memory, t: jax.Array):
-    """Gradient of sum_{k<t} L_k (the seed's "accumulated" memory loss), one backward pass."""
-    return jax.grad(lambda p: jnp.sum(past_losses(p, memory, t)))(params)
+    def body(k, carry):
+      row_sum, dots = carry
+      loss_k = lambda p: weighted_loss(p, memory.x[k], memory.y[k], w[k])  # noqa: E731
+      row_sum = jax.tree.map(jnp.add, row_sum, jax.grad(loss_k)(params))
+      if g is not None:
+        dots = dots.at[k].set(jax.jvp(loss_k, (params,), (g,))[1])
+      return row_sum, dots
+
+    init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((memory.x.shape[0],), jnp.float32))
+    return jax.lax.fori_loop(0, t, body, init)
 
   def past_rows(params, memory: Memory, t: jax.Array):
     """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
@@ -303,13 +310,14 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       )
       return g_new, _qp_stats(info.violated, info.projected, info.qp)
 
-    row_sum = past_sum_grad(params, memory, t)
+    needs_checks = variant in ("agem_new", "agem_qp_mean")
+    row_sum, dots = past_grads(params, memory, t, g if needs_checks else None)
     mean_row = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
     if variant == "agem":  # task_mean reference, the paper's conditional rule
       violated = _tree_vdot(g, mean_row) < 0
       return agem_project(g, mean_row), (violated, violated, zero_i, zero_f, false)
 
-    any_conflict = jnp.any((past_dots(params, memory, t, g) < 0) & past)
+    any_conflict = jnp.any((dots < 0) & past)
     if variant == "agem_new":  # seed way 2: GEM's per-task trigger, unconditional removal
       g_new = project_orthogonal(g, mean_row)
       g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_new, g)
