@@ -1,4 +1,4 @@
-"""The GEM paper's fully connected network as a `flax.linen` MLP, with PyTorch-style init."""
+"""The GEM paper's fully connected network as a `flax.linen` MLP, initialised as the GEM code."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from cljax.errors import CljaxError
 
-INIT_SCHEMES = ("torch", "flax")
+INIT_SCHEMES = ("gem", "torch", "flax")
 """Accepted values of `MLP.init_scheme` / `make_mlp(init=...)`."""
 
 
@@ -42,8 +42,8 @@ def _validate(
       raise CljaxError(f"{name} must be an int >= 1; got {v!r}. Pass a positive layer size/count.")
   if init not in INIT_SCHEMES:
     raise CljaxError(
-      f"init must be one of {INIT_SCHEMES}; got {init!r}. Use 'torch' to match the PyTorch GEM "
-      "code's nn.Linear init, or 'flax' for Flax's Dense default."
+      f"init must be one of {INIT_SCHEMES}; got {init!r}. Use 'gem' for the PyTorch GEM code's "
+      "Xavier init, 'torch' for nn.Linear's default, or 'flax' for Flax's Dense default."
     )
 
 
@@ -73,9 +73,12 @@ class MLP(nn.Module):
   GEM variant that groups by hidden unit selects); the units of `out` are the classes.
 
   Init (`init_scheme`):
+    * "gem" (default): weights ~ U[-a, a], a = sqrt(6 / (fan_in + fan_out)), biases 0: the GEM
+      code's `Xavier` applied by its `MLP` (`model/common.py`, `self.net.apply(Xavier)`), so runs
+      are comparable with the PyTorch GEM code. Same as Glorot uniform.
     * "torch": every weight AND bias ~ U[-1/sqrt(fan_in), 1/sqrt(fan_in)], fan_in = the layer's
-      input features, as PyTorch's `nn.Linear.reset_parameters` (kaiming_uniform with a=sqrt(5)),
-      so runs are comparable with the PyTorch GEM code.
+      input features, as PyTorch's `nn.Linear.reset_parameters` (kaiming_uniform with a=sqrt(5));
+      what a plain `nn.Linear` gets, which the GEM code overrides.
     * "flax": Flax's Dense default, kernel lecun_normal (variance 1/fan_in), bias zero.
 
   The field is `init_scheme`, not `init`, because `init` would shadow `nn.Module.init`;
@@ -85,17 +88,20 @@ class MLP(nn.Module):
     n_hiddens: Width H of every hidden layer.
     n_layers: Number of hidden layers (>= 1).
     n_outputs: Number of logits (classes).
-    init_scheme: "torch" or "flax", see above.
+    init_scheme: "gem", "torch" or "flax", see above.
     n_inputs: Input features; inputs must already be flattened to (B, n_inputs).
   """
 
   n_hiddens: int = 100
   n_layers: int = 2
   n_outputs: int = 10
-  init_scheme: str = "torch"
+  init_scheme: str = "gem"
   n_inputs: int = 784
 
   def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+    if self.init_scheme == "gem":
+      u = _uniform(math.sqrt(6.0 / (fan_in + features)))
+      return nn.Dense(features, kernel_init=u, bias_init=nn.initializers.zeros, name=name)
     if self.init_scheme == "torch":
       u = _uniform(1.0 / math.sqrt(fan_in))
       return nn.Dense(features, kernel_init=u, bias_init=u, name=name)
@@ -138,7 +144,7 @@ def make_mlp(
   n_hiddens: int = 100,
   n_layers: int = 2,
   n_outputs: int = 10,
-  init: str = "torch",
+  init: str = "gem",
   *,
   n_inputs: int = 784,
 ) -> MLP:
@@ -148,15 +154,15 @@ def make_mlp(
     n_hiddens: Width of each hidden layer, >= 1.
     n_layers: Number of hidden layers, >= 1.
     n_outputs: Number of logits, >= 1.
-    init: "torch" (nn.Linear's U[±1/sqrt(fan_in)] for weights and biases) or "flax"
-      (lecun_normal kernel, zero bias).
+    init: "gem" (the GEM code's Xavier uniform, zero bias), "torch" (nn.Linear's
+      U[±1/sqrt(fan_in)] for weights and biases) or "flax" (lecun_normal kernel, zero bias).
     n_inputs: Flattened input size, >= 1 (784 for 28x28 MNIST-like images).
 
   Returns:
     An `MLP`; `model.init(key, jnp.zeros((1, n_inputs)))` gives its variables.
 
   Raises:
-    CljaxError: a size is not a positive int, or init is not "torch"/"flax".
+    CljaxError: a size is not a positive int, or init is not one of INIT_SCHEMES.
   """
   _validate(n_hiddens, n_layers, n_outputs, init, n_inputs)
   return MLP(

@@ -47,7 +47,8 @@ class Config:
     n_memories: episodic-memory slots per task.
     memory_strength: GEM's margin, v >= memory_strength in the dual QP (default for HParams).
     n_layers, n_hiddens: the MLP's hidden layers and width.
-    init: "torch" (PyTorch nn.Linear's uniform init, as the GEM code) or "flax".
+    init: "gem" (the GEM code's Xavier uniform, zero biases), "torch" (nn.Linear's default) or
+      "flax" (see `cljax.models.MLP`).
     agem_ref: A-GEM's reference gradient: "pooled" (a sample of replay_batch_size examples of the
       pooled memory of past tasks, as the A-GEM paper) or "task_mean" (mean of per-task memory
       gradients).
@@ -65,7 +66,7 @@ class Config:
   memory_strength: float = 10.0
   n_layers: int = 2
   n_hiddens: int = 100
-  init: str = "torch"
+  init: str = "gem"
   agem_ref: str = "pooled"
   replay_batch_size: int = 10
   log_every: int = 100

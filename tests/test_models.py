@@ -90,8 +90,24 @@ def test_torch_init_uniform_in_bound():
       assert stats.kstest(w, "uniform", args=(-bound, 2 * bound)).pvalue > 1e-3, (layer, leaf)
 
 
+FAN_OUT = {"hidden_0": 100, "hidden_1": 100, "out": 10}
+
+
+def test_gem_init_is_the_gem_codes_xavier():
+  # GEM's model/common.py: a = sqrt(3) * sqrt(2 / (fan_in + fan_out)), weight ~ U[-a, a], bias 0.
+  params = _pooled_init("gem", n_keys=20)
+  for layer, fan_in in FAN_IN.items():
+    bound = float(np.float32(math.sqrt(3.0) * math.sqrt(2.0 / (fan_in + FAN_OUT[layer]))))
+    w = np.asarray(params[layer]["kernel"], np.float64).ravel()
+    assert np.all(np.abs(w) <= bound) and np.abs(w).max() > 0.9 * bound, layer
+    np.testing.assert_allclose(w.std(), bound / math.sqrt(3), rtol=0.05, err_msg=layer)
+    assert stats.kstest(w[:100_000], "uniform", args=(-bound, 2 * bound)).pvalue > 1e-3, layer
+    assert np.all(np.asarray(params[layer]["bias"]) == 0.0), layer
+  assert make_mlp().init_scheme == "gem"
+
+
 def test_torch_init_single_draw_spreads_over_range():
-  params = _init(make_mlp(100, 2))["params"]
+  params = _init(make_mlp(100, 2, init="torch"))["params"]
   for layer, fan_in in FAN_IN.items():
     bound = float(np.float32(1.0 / math.sqrt(fan_in)))
     w = np.asarray(params[layer]["kernel"])
@@ -113,8 +129,8 @@ def test_determinism_and_key_dependence():
   model = make_mlp(100, 2)
   a, b, c = _init(model, 7), _init(model, 7), _init(model, 8)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True)
-  assert all(not np.array_equal(x, y) for x, y in pairs)
+  kernels = [(a["params"][n]["kernel"], c["params"][n]["kernel"]) for n in FAN_IN]
+  assert all(not np.array_equal(x, y) for x, y in kernels)  # biases start at 0 with "gem"
 
 
 def test_jit_and_vmap_over_keys():

@@ -1,4 +1,4 @@
-"""Tests for cljax.tasks (protocols as pixel maps, the stream, batching) and the placeholder CLI."""
+"""Tests for cljax.tasks (protocols as pixel maps, the stream, batching)."""
 
 import chex
 import jax
@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import __main__ as cli
 from cljax import data, tasks
 from cljax.errors import CljaxError
 
@@ -337,63 +336,3 @@ def test_malformed_dataset():
   )
   with pytest.raises(CljaxError, match="must be \\(N, H, W\\) uint8"):
     tasks.make_stream(bad, protocol="permutations", n_tasks=1, samples_per_task=2)
-
-
-# --- CLI ------------------------------------------------------------------------------------------
-
-
-def test_cli_summary(idx_dir, capsys, no_data_env):
-  path, _ = idx_dir
-  argv = ["--data_path", path, "--protocol", "rotations", "--n_tasks", "4", "--samples_per_task"]
-  argv += ["30", "--test_samples", "10", "--seed", "3", "--lr", "0.01", "--cuda", "no", "--lr=1"]
-  assert cli.main(argv) == 0
-  out = capsys.readouterr().out
-  for fragment in [
-    f"fashion_mnist (source: idx, {path})",
-    "rotations (seed 3)",
-    "tasks:            4",
-    "30 train, 10 test",
-    "MB",
-    "angles (deg):",
-    "task 2:",
-    "training engine: not implemented yet (variant asked for: agem_new)",
-    "not used yet: --lr --cuda\n",
-  ]:
-    assert fragment in out, (fragment, out)
-  assert out.count("--lr") == 1 and "task 3:" not in out
-  histogram = [int(v) for v in out.split("task 0:")[1].splitlines()[0].split()]
-  assert len(histogram) == 10 and sum(histogram) == 30
-
-
-@pytest.mark.parametrize(
-  "argv,match",
-  [
-    (["--n_tasks", "0"], "n_tasks must be >= 1"),
-    (["--n_tasks", "x"], "invalid int value: 'x'"),
-    (["--protocol", "split"], "invalid choice: 'split'"),
-    (["--samples_per_task", "-1"], "samples_per_task must be >= 1"),
-    (["--dataset", "mnist", "--data_path", "/nonexistent/dir"], "does not exist"),
-  ],
-)
-def test_cli_bad_value_is_one_line_exit_2(idx_dir, capsys, no_data_env, argv, match):
-  path, _ = idx_dir
-  assert cli.main(["--data_path", path, *argv]) == 2
-  captured = capsys.readouterr()
-  assert captured.out == ""
-  assert captured.err.startswith("cljax: error: ") and captured.err.count("\n") == 1
-  assert match in captured.err and "Traceback" not in captured.err
-
-
-def test_cli_clamp_warning_is_one_line(idx_dir, capsys, no_data_env):
-  path, _ = idx_dir
-  assert cli.main(["--data_path", path, "--samples_per_task", "1000", "--n_tasks", "2"]) == 0
-  captured = capsys.readouterr()
-  assert captured.err == (
-    "cljax: warning: samples_per_task=1000 exceeds the 60 examples available; using 60\n"
-  )
-  assert "60 train, 20 test" in captured.out
-
-
-def test_cli_help(capsys):
-  assert cli.main(["--help"]) == 0
-  assert "--samples_per_task" in capsys.readouterr().out
