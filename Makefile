@@ -9,7 +9,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run test lint format bench-qp clean
+.PHONY: setup data run test lint format bench-qp bench-run seed-variants clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,12 @@ format: setup
 
 bench-qp: setup
 	$(PY) experiments/bench_qp.py $(ARGS)
+
+bench-run: setup data
+	$(PY) experiments/bench_run.py $(ARGS)
+
+seed-variants: setup data
+	$(PY) experiments/seed_variants.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis results

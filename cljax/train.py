@@ -205,6 +205,37 @@ def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
+def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array]:
+  """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits)."""
+  model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
+
+  def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
+    """(T,) test accuracy on every task.
+
+    Each task's pixel map A_t is linear, so it is folded into the first layer instead of applied
+    to the images: (A_t x) W = x (A_t' W). All T tasks then share one matrix product with the base
+    test images, in batches of eval_batch_size examples (memory: batch x T x n_hiddens floats).
+    """
+    n_test = stream.test_x.shape[0]
+    bs = min(config.eval_batch_size, n_test)
+    n_batches = math.ceil(n_test / bs)
+    pad = n_batches * bs - n_test
+    task_params = jax.vmap(lambda i, w: _fold_pixel_map(params, i, w))(stream.pix_idx, stream.pix_w)
+    x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
+    y_all = jnp.pad(stream.test_y, (0, pad), constant_values=-1).reshape(n_batches, bs)
+
+    def one_batch(args):
+      x, y = args
+      x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
+      logits = jax.vmap(lambda p: model.apply({"params": p}, x))(task_params)  # (T, bs, classes)
+      return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
+
+    correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
+    return correct.astype(jnp.float32) / n_test
+
+  return evaluate
+
+
 def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = None):
   """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
 
@@ -344,29 +375,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_qp, g)
     return g_new, _qp_stats(any_conflict, any_conflict, info.qp)
 
-  def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
-    """(T,) test accuracy on every task.
-
-    Each task's pixel map A_t is linear, so it is folded into the first layer instead of applied
-    to the images: (A_t x) W = x (A_t' W). All T tasks then share one matrix product with the base
-    test images, in batches of eval_batch_size examples (memory: batch x T x n_hiddens floats).
-    """
-    n_test = stream.test_x.shape[0]
-    bs = min(config.eval_batch_size, n_test)
-    n_batches = math.ceil(n_test / bs)
-    pad = n_batches * bs - n_test
-    task_params = jax.vmap(lambda i, w: _fold_pixel_map(params, i, w))(stream.pix_idx, stream.pix_w)
-    x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
-    y_all = jnp.pad(stream.test_y, (0, pad), constant_values=-1).reshape(n_batches, bs)
-
-    def one_batch(args):
-      x, y = args
-      x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
-      logits = jax.vmap(lambda p: model.apply({"params": p}, x))(task_params)  # (T, bs, classes)
-      return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
-
-    correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
-    return correct.astype(jnp.float32) / n_test
+  evaluate = make_evaluate(config)
 
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     hp = default_hparams(config) if hparams is None else hparams
