@@ -7,6 +7,7 @@ from cljax.models import MLP, make_mlp, param_count
 from cljax.projections import (
   GEMInfo,
   agem_project,
+  gem_dual,
   gem_project,
   gem_terms,
   project_orthogonal,
@@ -30,6 +31,7 @@ __all__ = [
   "agem_project",
   "eval_set",
   "format_seed_line",
+  "gem_dual",
   "gem_project",
   "gem_stats",
   "gem_terms",

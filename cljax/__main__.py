@@ -288,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     default=train.Config.qp_max_iter,
     help="iteration cap of the QP solver",
   )
+  add(
+    own,
+    "--memory_grads",
+    default=train.Config.memory_grads,
+    choices=train.MEMORY_GRADS,
+    help="memory gradients from per-example factors (fast, the MLP) or one backward pass per "
+    "past task (explicit rows); the same numbers up to rounding",
+  )
   own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
   return p
 
@@ -317,7 +325,7 @@ def unused_dests(variant: str, agem_ref: str) -> frozenset[str]:
   """The flags (argparse dests) that `variant` does not read: reported as unused when given."""
   unused = set(SEED_ONLY_FLAGS)
   if variant == "single":
-    unused.add("n_memories")
+    unused.update(("n_memories", "memory_grads"))
   if variant not in _MEMORY_STRENGTH_VARIANTS:
     unused.add("memory_strength")
   if variant not in _QP_VARIANTS:
@@ -326,6 +334,8 @@ def unused_dests(variant: str, agem_ref: str) -> frozenset[str]:
     unused.add("agem_ref")
   if not (variant == "agem" and agem_ref == "pooled"):
     unused.add("replay_batch_size")
+  else:
+    unused.add("memory_grads")  # the pooled sample's gradient is taken directly
   return frozenset(unused)
 
 
@@ -392,6 +402,7 @@ def train_config(args: argparse.Namespace) -> train.Config:
     eps=args.eps,
     eval_batch_size=args.eval_batch_size,
     qp_max_iter=args.qp_max_iter,
+    memory_grads=args.memory_grads,
   )
 
 

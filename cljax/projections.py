@@ -216,39 +216,100 @@ def gem_project(
   """
   t = _check_same_shapes(g, G, "G", leading=True)
   g, G = _as_arrays(g), _as_arrays(G)
-  _check_nonnegative(margin, "margin (memory_strength)")
-  _check_nonnegative(eps, "eps")
-  if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.shape != (t,):
-      raise CljaxError(f"mask must have shape (t,) = ({t},), got {mask.shape}.")
-    mask = mask.astype(bool)
+  mask = _check_mask(mask, t)
   if t == 0:
+    _check_nonnegative(margin, "margin (memory_strength)")
+    _check_nonnegative(eps, "eps")
     info = _no_projection_info(jnp.float32)
     return g, GEMInfo(jnp.zeros((), bool), jnp.zeros((), bool), info)
 
   if mask is not None:  # zero unused slots once: they may hold garbage, even NaN
     G = jax.tree.map(lambda Gl: jnp.where(_expand(mask, Gl), Gl, 0.0), G)
-  P, q = gem_terms(g, G, eps=eps)
-  finite = jnp.all(jnp.isfinite(P)) & jnp.all(jnp.isfinite(q))
+  P, q = gem_terms(g, G)
+  v, info = gem_dual(
+    P,
+    q,
+    margin=margin,
+    mask=mask,
+    eps=eps,
+    only_if_violated=only_if_violated,
+    tol=tol,
+    max_iter=max_iter,
+    polish_steps=polish_steps,
+  )
+
+  def add_rows(_):
+    return jax.tree.map(
+      lambda gl, Gl: (gl + jnp.tensordot(v, Gl, 1, precision=_HIGHEST)).astype(gl.dtype), g, G
+    )
+
+  g_tilde = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
+  return g_tilde, info
+
+
+def gem_dual(
+  P: jax.Array,
+  q: jax.Array,
+  *,
+  margin: float | jax.Array = 0.0,
+  mask: jax.Array | None = None,
+  eps: float | jax.Array = 1e-3,
+  only_if_violated: bool = True,
+  tol: float | None = None,
+  max_iter: int = 1000,
+  polish_steps: int = 8,
+) -> tuple[jax.Array, GEMInfo]:
+  """GEM's dual from its terms: v* for P = G G', q = G g, when the caller has them in closed form.
+
+  `gem_project` is `gem_terms` + this + g~ = g + G'v. Callers that never form G (e.g. from
+  per-example gradient factors, `cljax.example_grads`) compute P and q their own way, call this,
+  and apply G'v themselves. Arguments as `gem_project`; P: (t, t) without the ridge (eps I is added
+  here), q: (t,).
+
+  Returns:
+    (v, GEMInfo): v (t,) is 0 where no projection is made (not violated with only_if_violated, or a
+    masked row), so g + G'v = g there.
+  """
+  P, q = jnp.asarray(P), jnp.asarray(q)
+  t = q.shape[0] if q.ndim == 1 else -1
+  if P.shape != (t, t):
+    raise CljaxError(f"gem_dual needs P (t, t) and q (t,): got P {P.shape} and q {q.shape}.")
+  mask = _check_mask(mask, t)
+  _check_nonnegative(margin, "margin (memory_strength)")
+  _check_nonnegative(eps, "eps")
+  if t == 0:
+    return q, GEMInfo(jnp.zeros((), bool), jnp.zeros((), bool), _no_projection_info(q.dtype))
+  P = P + eps * jnp.eye(t, dtype=P.dtype)
+  finite = jnp.all(jnp.isfinite(jnp.where(_outer(mask), P, 0.0))) & jnp.all(
+    jnp.isfinite(q if mask is None else jnp.where(mask, q, 0.0))
+  )
   conflict = q < 0 if mask is None else (q < 0) & mask
   violated = jnp.any(conflict) | ~finite
 
-  def project(_):
-    v, info = solve_box_qp(
+  def solve(_):
+    return solve_box_qp(
       P, q, margin, mask=mask, tol=tol, max_iter=max_iter, polish_steps=polish_steps
     )
-    g_tilde = jax.tree.map(
-      lambda gl, Gl: (gl + jnp.tensordot(v, Gl, 1, precision=_HIGHEST)).astype(gl.dtype), g, G
-    )
-    return g_tilde, info
 
   def keep(_):
-    return g, _no_projection_info(P.dtype)
+    return jnp.zeros_like(q), _no_projection_info(q.dtype)
 
   do_project = violated if only_if_violated else jnp.ones((), bool)
-  g_tilde, info = jax.lax.cond(do_project, project, keep, None)
-  return g_tilde, GEMInfo(violated=violated, projected=do_project, qp=info)
+  v, info = jax.lax.cond(do_project, solve, keep, None)
+  return v, GEMInfo(violated=violated, projected=do_project, qp=info)
+
+
+def _check_mask(mask: jax.Array | None, t: int) -> jax.Array | None:
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.shape != (t,):
+    raise CljaxError(f"mask must have shape (t,) = ({t},), got {mask.shape}.")
+  return mask.astype(bool)
+
+
+def _outer(mask: jax.Array | None) -> jax.Array | bool:
+  return True if mask is None else mask[:, None] & mask[None, :]
 
 
 def _expand(mask: jax.Array, leaf: jax.Array) -> jax.Array:

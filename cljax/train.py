@@ -28,11 +28,13 @@ import optax
 
 from cljax import tasks
 from cljax.errors import CljaxError
+from cljax.example_grads import example_grads, gram, weighted_grad
 from cljax.models import make_mlp
-from cljax.projections import agem_project, gem_project, project_orthogonal
+from cljax.projections import agem_project, gem_dual, gem_project, project_orthogonal
 
 VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean")
 AGEM_REFS = ("pooled", "task_mean")
+MEMORY_GRADS = ("factored", "explicit")
 _MEMORY_VARIANTS = frozenset(VARIANTS) - {"single"}
 
 
@@ -57,6 +59,12 @@ class Config:
     eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
     eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
     qp_max_iter: the QP solver's iteration cap.
+    memory_grads: how past-task memory gradients are computed. "factored" (default): one forward
+      and backward pass over the whole (T x n_memories) memory, kept as per-example factors
+      (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
+      and no (t, p) row is formed. "explicit": one backward pass per past task, rows as pytrees,
+      and `gem_project` on them (the direct transcription; works for any differentiable model).
+      Both compute the same numbers up to float rounding.
   """
 
   variant: str = "agem_new"
@@ -73,12 +81,17 @@ class Config:
   eps: float = 1e-3
   eval_batch_size: int = 2000
   qp_max_iter: int = 1000
+  memory_grads: str = "factored"
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise CljaxError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}.")
     if self.agem_ref not in AGEM_REFS:
       raise CljaxError(f"unknown agem_ref {self.agem_ref!r}: choose one of {', '.join(AGEM_REFS)}.")
+    if self.memory_grads not in MEMORY_GRADS:
+      raise CljaxError(
+        f"unknown memory_grads {self.memory_grads!r}: choose one of {', '.join(MEMORY_GRADS)}."
+      )
     if not self.lr > 0:
       raise CljaxError(f"lr must be > 0, got {self.lr}.")
     if self.memory_strength < 0:
@@ -263,26 +276,70 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     w = (memory.filled & (jnp.arange(memory.x.shape[0]) < t)[:, None]).astype(jnp.float32)
     return w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1.0)
 
-  def past_grads(params, memory: Memory, t: jax.Array, g=None):
-    """The summed memory gradient of past tasks and, given g, GEM's per-task checks.
+  def apply(params, x):
+    return model.apply({"params": params}, x)
+
+  def past_grads(params, memory: Memory, t: jax.Array, x, y, checks: bool):
+    """The summed memory gradient of past tasks and, with checks, GEM's per-task checks.
 
     Returns sum_{k<t} grad L_k (the seed's "accumulated" memory loss gradient) and the (T,) checks
-    <g, grad L_k> (0 for k >= t), L_k = task k's mean memory loss with the current parameters.
-    One past task at a time, so the work grows with the number of past tasks, not with T; each
-    check is a forward-mode derivative of L_k along g (no p-length dot product).
+    <g, grad L_k> (0 for k >= t; None without checks), L_k = task k's mean memory loss with the
+    current parameters and g the gradient of the batch (x, y)'s mean loss.
     """
     w = past_weights(memory, t)
+    if config.memory_grads == "factored":
+      mem = _memory_factors(params, memory)
+      row_sum = weighted_grad(params, mem, w.reshape(-1))
+      return row_sum, _factored_checks(params, mem, w, x, y) if checks else None
+
+    # explicit: one past task at a time, so the work grows with the number of past tasks, not
+    # with T; each check is a forward-mode derivative of L_k along g (no p-length dot product).
+    g = jax.grad(batch_loss)(params, x, y) if checks else None
 
     def body(k, carry):
       row_sum, dots = carry
       loss_k = lambda p: weighted_loss(p, memory.x[k], memory.y[k], w[k])  # noqa: E731
       row_sum = jax.tree.map(jnp.add, row_sum, jax.grad(loss_k)(params))
-      if g is not None:
+      if checks:
         dots = dots.at[k].set(jax.jvp(loss_k, (params,), (g,))[1])
       return row_sum, dots
 
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((memory.x.shape[0],), jnp.float32))
-    return jax.lax.fori_loop(0, t, body, init)
+    row_sum, dots = jax.lax.fori_loop(0, t, body, init)
+    return row_sum, dots if checks else None
+
+  def _memory_factors(params, memory: Memory):
+    """Per-example gradient factors of all T x M memory slots (unused ones get weight 0)."""
+    D = memory.x.shape[-1]
+    return example_grads(apply, params, memory.x.reshape(-1, D), memory.y.reshape(-1))
+
+  def _factored_checks(params, mem, w, x, y):
+    """(T,) <g, grad L_k> = sum_i w_ki mean_b K_ib, K the memory x batch gradient Gram."""
+    k_mb = gram(params, mem, example_grads(apply, params, x, y))  # (T * M, B)
+    return jnp.sum(w * jnp.mean(k_mb, axis=1).reshape(w.shape), axis=1)
+
+  def gem_step(g, params, memory: Memory, t: jax.Array, x, y, hp: HParams):
+    """GEM: one constraint row grad L_k per past task k < t, the dual QP, g~ = g + G'v."""
+    past = jnp.arange(memory.x.shape[0]) < t
+    qp_args = {
+      "margin": hp.memory_strength,
+      "mask": past,
+      "eps": config.eps,
+      "max_iter": config.qp_max_iter,
+    }
+    if config.memory_grads == "explicit":
+      return gem_project(g, past_rows(params, memory, t), **qp_args)
+    w = past_weights(memory, t)  # (T, M): row k = sum_i w_ki grad l_i
+    T, M = w.shape
+    mem = _memory_factors(params, memory)
+    K = gram(params, mem).reshape(T, M, T, M)
+    P = jnp.einsum("km,kmln,ln->kl", w, K, w)
+    v, info = gem_dual(P, _factored_checks(params, mem, w, x, y), **qp_args)
+
+    def add_rows(_):
+      return jax.tree.map(jnp.add, g, weighted_grad(params, mem, (v[:, None] * w).reshape(-1)))
+
+    return jax.lax.cond(info.projected, add_rows, lambda _: g, None), info
 
   def past_rows(params, memory: Memory, t: jax.Array):
     """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
@@ -314,8 +371,8 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     y = memory.y.reshape(-1)[idx]
     return jax.grad(weighted_loss)(params, x, y, w)
 
-  def project_step(g, params, memory: Memory, t: jax.Array, hp: HParams, key: jax.Array):
-    """The variant's rule: (g, memory of the past tasks k < t) -> (g~, StepStats fields)."""
+  def project_step(g, params, memory: Memory, t: jax.Array, x, y, hp: HParams, key: jax.Array):
+    """The variant's rule: (g of batch (x, y), memory of tasks k < t) -> (g~, StepStats fields)."""
     past = jnp.arange(memory.x.shape[0]) < t
     zero_i, zero_f, false = (
       jnp.zeros((), jnp.int32),
@@ -332,41 +389,36 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       return agem_project(g, ref), (violated, violated, zero_i, zero_f, false)
 
     if variant == "gem":
-      g_new, info = gem_project(
-        g,
-        past_rows(params, memory, t),
-        margin=hp.memory_strength,
-        mask=past,
-        eps=config.eps,
-        max_iter=config.qp_max_iter,
-      )
+      g_new, info = gem_step(g, params, memory, t, x, y, hp)
       return g_new, _qp_stats(info.violated, info.projected, info.qp)
 
-    needs_checks = variant in ("agem_new", "agem_qp_mean")
-    row_sum, dots = past_grads(params, memory, t, g if needs_checks else None)
+    checks = variant in ("agem_new", "agem_qp_mean")
+    row_sum, dots = past_grads(params, memory, t, x, y, checks)
     mean_row = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
     if variant == "agem":  # task_mean reference, the paper's conditional rule
       violated = _tree_vdot(g, mean_row) < 0
       return agem_project(g, mean_row), (violated, violated, zero_i, zero_f, false)
 
-    any_conflict = jnp.any((dots < 0) & past)
+    if variant == "agem_old":  # seed way 1: the summed row, GEM's QP and its own trigger
+      g_new, info = gem_project(
+        g,
+        jax.tree.map(lambda r: r[None], row_sum),
+        margin=hp.memory_strength,
+        eps=config.eps,
+        max_iter=config.qp_max_iter,
+      )
+      return g_new, _qp_stats(info.violated, info.projected, info.qp)
+
+    any_conflict = jnp.any((dots < 0) & past)  # GEM's per-task check
     if variant == "agem_new":  # seed way 2: GEM's per-task trigger, unconditional removal
       g_new = project_orthogonal(g, mean_row)
       g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_new, g)
       return g_new, (any_conflict, any_conflict, zero_i, zero_f, false)
 
-    one_row = row_sum if variant == "agem_old" else mean_row
-    one_row = jax.tree.map(lambda r: r[None], one_row)
-    if variant == "agem_old":  # seed way 1: the summed row, GEM's QP and its own trigger
-      g_new, info = gem_project(
-        g, one_row, margin=hp.memory_strength, eps=config.eps, max_iter=config.qp_max_iter
-      )
-      return g_new, _qp_stats(info.violated, info.projected, info.qp)
-
     # agem_qp_mean, seed way 3: the mean row into GEM's QP, when GEM's per-task check fires.
     g_qp, info = gem_project(
       g,
-      one_row,
+      jax.tree.map(lambda r: r[None], mean_row),
       margin=hp.memory_strength,
       eps=config.eps,
       only_if_violated=False,
@@ -401,8 +453,10 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       memory = write_memory(state.memory, t, x, y) if variant in _MEMORY_VARIANTS else state.memory
       loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
-      g, (violated, projected, qp_it, kkt, qp_failed) = project_step(
-        g, state.params, memory, t, hp, key
+      g, (violated, projected, qp_it, kkt, qp_failed) = jax.lax.cond(
+        t > 0,  # no past task yet: nothing to project against
+        lambda: project_step(g, state.params, memory, t, x, y, hp, key),
+        lambda: (g, _NO_PROJECTION),
       )
       updates, opt_state = opt.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -483,6 +537,13 @@ def _qp_stats(violated, projected, info):
   )
 
 
+_NO_PROJECTION = (
+  jnp.zeros((), bool),
+  jnp.zeros((), bool),
+  jnp.zeros((), jnp.int32),
+  jnp.zeros((), jnp.float32),
+  jnp.zeros((), bool),
+)
 _STEP_FIELDS = StepStats(
   *(jnp.zeros((), d) for d in (bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool))
 )
@@ -504,14 +565,6 @@ def _reduce(stats: StepStats) -> TaskCounters:
 
 def _tree_vdot(a, b) -> jax.Array:
   return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
-def _tree_rows_dot(rows, g) -> jax.Array:
-  """(T,) <row_t, g> for rows with a leading axis T."""
-  return sum(
-    r.reshape(r.shape[0], -1) @ v.reshape(-1)
-    for r, v in zip(jax.tree.leaves(rows), jax.tree.leaves(g), strict=True)
-  )
 
 
 def _tree_all_finite(tree) -> jax.Array:

@@ -75,11 +75,16 @@ def main() -> None:
     note_s = " / ".join(f"{x:.4f}" for x in note) if note else "-"
     print(f"{variant:14s} {cells[0]:>15s} {cells[1]:>16s} {cells[2]:>15s}   {note_s}", flush=True)
     print(f"{'':14s} per seed Final: " + " ".join(f"{x:.4f}" for x in a[:, 0]), flush=True)
-  if args.out:
-    directory = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-      json.dump({"agem_ref": args.agem_ref, "seeds": args.seeds, "runs": records}, f, indent=1)
-    os.replace(f.name, args.out)
+    if args.out:  # after every variant, so an interrupted sweep keeps what it computed
+      write_json(args.out, {"agem_ref": args.agem_ref, "seeds": args.seeds, "runs": records})
+
+
+def write_json(path: str, record: dict) -> None:
+  """Write record to path atomically (a temporary file in the same folder, then a rename)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    json.dump(record, f, indent=1)
+  os.replace(f.name, path)
 
 
 if __name__ == "__main__":
