@@ -53,32 +53,21 @@ def _dense_input(context: Any, args: tuple, kwargs: dict) -> jax.Array | None:
   return None
 
 
-def _dense_shapes(apply_fn: ApplyFn, params: PyTree, x: jax.Array) -> dict[Path, tuple]:
-  """Path -> output shape of every Dense call, checking the factorisation applies (trace only)."""
-  shapes: dict[Path, tuple] = {}
+def _names(key_path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    a = _dense_input(context, args, kwargs)
-    if a is not None:
-      path = tuple(context.module.path)
-      if path in shapes:
-        raise CljaxError(f"Dense layer {path} is applied twice: per-example factors need once.")
-      if a.ndim != 2:
-        raise CljaxError(f"Dense layer {path} gets a {a.ndim}-d input; factors need (E, n_in).")
-      shapes[path] = out.shape
-    return out
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(apply_fn, params, x)
-  for key_path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    *layer, name = (k.key for k in key_path)
-    if tuple(layer) not in shapes or name not in ("kernel", "bias"):
+def _dense_layers(params: PyTree) -> dict[Path, int]:
+  """Path -> output width of every Dense layer in params; refuses any other parameter."""
+  leaves = [(_names(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+  layers = {n[:-1]: leaf.shape[1] for n, leaf in leaves if n[-1] == "kernel" and leaf.ndim == 2}
+  for n, _ in leaves:
+    if n[:-1] not in layers or n[-1] not in ("kernel", "bias"):
       raise CljaxError(
-        f"parameter {'/'.join(map(str, (*layer, name)))} is not a Dense layer's kernel or bias: "
-        "per-example gradient factors cover only networks of nn.Dense layers."
+        f"parameter {'/'.join(n)} is not a Dense layer's kernel or bias: per-example gradient "
+        "factors cover only networks of nn.Dense layers."
       )
-  return shapes
+  return layers
 
 
 def example_grads(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array) -> ExampleGrads:
@@ -94,7 +83,7 @@ def example_grads(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array)
   Returns:
     ExampleGrads: per-layer inputs and deltas, and the (E,) losses l_i.
   """
-  shapes = _dense_shapes(apply_fn, params, x)
+  layers = _dense_layers(params)
 
   def total_loss(offsets):
     inputs = {}
@@ -105,16 +94,22 @@ def example_grads(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array)
       if a is None:
         return out
       path = tuple(context.module.path)
+      if path in inputs:
+        raise CljaxError(f"Dense layer {path} is applied twice: per-example factors need once.")
+      if a.ndim != 2:
+        raise CljaxError(f"Dense layer {path} gets a {a.ndim}-d input; factors need (E, n_in).")
       inputs[path] = a
       return out + offsets[path]
 
     with nn.intercept_methods(hook):
       logits = apply_fn(params, x)
+    if set(inputs) != set(layers):
+      raise CljaxError(f"Dense layers {sorted(set(layers) - set(inputs))} were not applied.")
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return jnp.sum(losses), (losses, inputs)
 
   dtype = jnp.result_type(x, jnp.float32)
-  zeros = {path: jnp.zeros(shape, dtype) for path, shape in shapes.items()}
+  zeros = {path: jnp.zeros((x.shape[0], width), dtype) for path, width in layers.items()}
   # Each example's loss depends only on its own row of z, so d(sum_i l_i)/dz_i = dl_i/dz_i.
   deltas, (losses, inputs) = jax.grad(total_loss, has_aux=True)(zeros)
   return ExampleGrads(inputs, deltas, losses)
@@ -145,7 +140,7 @@ def weighted_grad(params: PyTree, eg: ExampleGrads, c: jax.Array) -> PyTree:
   """sum_i c_i grad l_i as a pytree like params: W_l = A_l' (c * D_l), b_l = D_l' c. c: (E,)."""
 
   def leaf(key_path, p):
-    *layer, name = (k.key for k in key_path)
+    *layer, name = _names(key_path)
     A, D = eg.inputs[tuple(layer)], eg.deltas[tuple(layer)]
     cd = c[:, None].astype(D.dtype) * D
     return (A.T @ cd if name == "kernel" else jnp.sum(cd, axis=0)).astype(p.dtype)

@@ -72,6 +72,20 @@ def test_gram_dots_and_weighted_sums_equal_explicit_rows(model, n_inputs):
   np.testing.assert_allclose(ravel(summed)[0], c @ rows, rtol=1e-5, atol=1e-6)
 
 
+def test_repeated_calls_retrace_the_layers():
+  # The layer hooks run at every trace: a second call with the same shapes, inside or outside one
+  # jit, must see the layers again (a cached trace would see none).
+  model = make_mlp(5, 2, n_outputs=5, n_inputs=6)
+  params, x, y = _setup(model, 6, E=4)
+  first = gram(params, example_grads(_apply(model), params, x, y))
+  again = gram(params, example_grads(_apply(model), params, x, y))
+  twice = jax.jit(lambda p: [gram(p, example_grads(_apply(model), p, x, y)) for _ in range(2)])(
+    params
+  )
+  for K in (again, *twice):
+    np.testing.assert_allclose(K, first, rtol=1e-6)
+
+
 def test_safe_under_jit_and_vmap():
   model = make_mlp(5, 2, n_outputs=5, n_inputs=6)
   params, x, y = _setup(model, 6, E=4)
