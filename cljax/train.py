@@ -286,11 +286,21 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     <g, grad L_k> (0 for k >= t; None without checks), L_k = task k's mean memory loss with the
     current parameters and g the gradient of the batch (x, y)'s mean loss.
     """
-    w = past_weights(memory, t)
     if config.memory_grads == "factored":
-      mem = _memory_factors(params, memory)
-      row_sum = weighted_grad(params, mem, w.reshape(-1))
-      return row_sum, _factored_checks(params, mem, w, x, y) if checks else None
+
+      def factored(memory: Memory):
+        w = past_weights(memory, t)
+        mem = _memory_factors(params, memory)
+        row_sum = weighted_grad(params, mem, w.reshape(-1))
+        if not checks:
+          return row_sum, None
+        dots = _factored_checks(params, mem, w, x, y)
+        return row_sum, jnp.zeros((T_all,), dots.dtype).at[: dots.shape[0]].set(dots)
+
+      T_all = memory.x.shape[0]
+      return _on_past_slots(factored, memory, t)
+
+    w = past_weights(memory, t)
 
     # explicit: one past task at a time, so the work grows with the number of past tasks, not
     # with T; each check is a forward-mode derivative of L_k along g (no p-length dot product).
@@ -307,6 +317,22 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((memory.x.shape[0],), jnp.float32))
     row_sum, dots = jax.lax.fori_loop(0, t, body, init)
     return row_sum, dots if checks else None
+
+  def _on_past_slots(fn, memory: Memory, t: jax.Array):
+    """fn(memory of the first n tasks only) for the smallest compiled n >= t (t >= 1).
+
+    The factored step's work is proportional to the task slots it reads, and only tasks k < t
+    matter; a `lax.switch` over a few slot counts (`past_slot_counts`, at most _N_BUCKETS,
+    whatever T is) skips most unused slots while every shape stays static.
+    """
+    sizes = past_slot_counts(memory.x.shape[0])
+    if len(sizes) == 1:
+      return fn(memory)
+    branches = [
+      lambda n=n: fn(Memory(memory.x[:n], memory.y[:n], memory.filled[:n], memory.cursor))
+      for n in sizes
+    ]
+    return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), t), branches)
 
   def _memory_factors(params, memory: Memory):
     """Per-example gradient factors of all T x M memory slots (unused ones get weight 0)."""
@@ -329,17 +355,22 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     }
     if config.memory_grads == "explicit":
       return gem_project(g, past_rows(params, memory, t), **qp_args)
-    w = past_weights(memory, t)  # (T, M): row k = sum_i w_ki grad l_i
-    T, M = w.shape
-    mem = _memory_factors(params, memory)
-    K = gram(params, mem).reshape(T, M, T, M)
-    P = jnp.einsum("km,kmln,ln->kl", w, K, w)
-    v, info = gem_dual(P, _factored_checks(params, mem, w, x, y), **qp_args)
 
-    def add_rows(_):
-      return jax.tree.map(jnp.add, g, weighted_grad(params, mem, (v[:, None] * w).reshape(-1)))
+    def factored(memory: Memory):
+      w = past_weights(memory, t)  # (n, M): row k = sum_i w_ki grad l_i
+      n, M = w.shape
+      mem = _memory_factors(params, memory)
+      K = gram(params, mem).reshape(n, M, n, M)
+      P = jnp.einsum("km,kmln,ln->kl", w, K, w)
+      q = _factored_checks(params, mem, w, x, y)
+      v, info = gem_dual(P, q, **{**qp_args, "mask": past[:n]})
 
-    return jax.lax.cond(info.projected, add_rows, lambda _: g, None), info
+      def add_rows(_):
+        return jax.tree.map(jnp.add, g, weighted_grad(params, mem, (v[:, None] * w).reshape(-1)))
+
+      return jax.lax.cond(info.projected, add_rows, lambda _: g, None), info
+
+    return _on_past_slots(factored, memory, t)
 
   def past_rows(params, memory: Memory, t: jax.Array):
     """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
@@ -494,6 +525,19 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params)
 
   return train
+
+
+_N_BUCKETS = 4
+
+
+def past_slot_counts(T: int) -> tuple[int, ...]:
+  """The task-slot counts the factored memory step is compiled for: ceil(T b / 4), b = 1..4.
+
+  With T = 10: (3, 5, 8, 10), so a step with t past tasks reads the memory of the smallest count
+  >= t (5.9 task slots on average over t = 1..9 instead of 10), with a constant number of compiled
+  variants whatever T is.
+  """
+  return tuple(sorted({math.ceil(T * b / _N_BUCKETS) for b in range(1, _N_BUCKETS + 1)}))
 
 
 def write_memory(memory: Memory, t: jax.Array, x: jax.Array, y: jax.Array) -> Memory:

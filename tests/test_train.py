@@ -1,5 +1,6 @@
 """cljax.train: every variant on small real Fashion-MNIST runs, and the equalities of the math."""
 
+import math
 import os
 
 import chex
@@ -18,6 +19,7 @@ from cljax.train import (
   Memory,
   make_evaluate,
   make_train,
+  past_slot_counts,
   schedule,
   write_memory,
 )
@@ -161,11 +163,15 @@ def test_folded_evaluation_equals_transforming_the_images(stream):
 def test_one_compile_and_no_growth_with_tasks(stream):
   cfg = config("gem", log_every=0)
   sizes = []
-  for T in (2, 3):
-    small = stream._replace(
-      train_idx=stream.train_idx[:T], pix_idx=stream.pix_idx[:T], pix_w=stream.pix_w[:T]
+  for T in (8, 12):  # tasks repeated: only the shapes matter here (both: 4 memory variants)
+
+    def tiled(a, T=T):
+      return jnp.concatenate([a] * math.ceil(T / a.shape[0]))[:T]
+
+    more = stream._replace(
+      train_idx=tiled(stream.train_idx), pix_idx=tiled(stream.pix_idx), pix_w=tiled(stream.pix_w)
     )
-    jaxpr = jax.make_jaxpr(make_train(cfg))(jax.random.key(0), small)
+    jaxpr = jax.make_jaxpr(make_train(cfg))(jax.random.key(0), more)
     sizes.append(len(str(jaxpr)))
   assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]  # the program does not unroll over tasks
 
@@ -216,6 +222,15 @@ def gem_ring_buffer(batches, n_memories, n_tasks, dim):
     if cnt == n_memories:
       cnt = 0
   return mem, lab, cnt
+
+
+@pytest.mark.parametrize(
+  "T,expected", [(1, (1,)), (3, (1, 2, 3)), (10, (3, 5, 8, 10)), (20, (5, 10, 15, 20))]
+)
+def test_past_slot_counts_cover_every_task_count_with_at_most_four_variants(T, expected):
+  sizes = past_slot_counts(T)
+  assert sizes == expected
+  assert all(any(n >= t for n in sizes) for t in range(1, T))  # every step has a variant
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4])
