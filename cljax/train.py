@@ -287,23 +287,22 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     current parameters and g the gradient of the batch (x, y)'s mean loss.
     """
     if config.memory_grads == "factored":
+      T_all = memory.x.shape[0]
 
       def factored(memory: Memory):
         w = past_weights(memory, t)
-        mem = _memory_factors(params, memory)
+        mem = memory_factors(params, memory)
         row_sum = weighted_grad(params, mem, w.reshape(-1))
         if not checks:
           return row_sum, None
-        dots = _factored_checks(params, mem, w, x, y)
+        dots = factored_checks(params, mem, w, x, y)
         return row_sum, jnp.zeros((T_all,), dots.dtype).at[: dots.shape[0]].set(dots)
 
-      T_all = memory.x.shape[0]
-      return _on_past_slots(factored, memory, t)
-
-    w = past_weights(memory, t)
+      return on_past_slots(factored, memory, t)
 
     # explicit: one past task at a time, so the work grows with the number of past tasks, not
     # with T; each check is a forward-mode derivative of L_k along g (no p-length dot product).
+    w = past_weights(memory, t)
     g = jax.grad(batch_loss)(params, x, y) if checks else None
 
     def body(k, carry):
@@ -318,7 +317,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     row_sum, dots = jax.lax.fori_loop(0, t, body, init)
     return row_sum, dots if checks else None
 
-  def _on_past_slots(fn, memory: Memory, t: jax.Array):
+  def on_past_slots(fn, memory: Memory, t: jax.Array):
     """fn(memory of the first n tasks only) for the smallest compiled n >= t (t >= 1).
 
     The factored step's work is proportional to the task slots it reads, and only tasks k < t
@@ -334,12 +333,12 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     ]
     return jax.lax.switch(jnp.searchsorted(jnp.asarray(sizes), t), branches)
 
-  def _memory_factors(params, memory: Memory):
-    """Per-example gradient factors of all T x M memory slots (unused ones get weight 0)."""
+  def memory_factors(params, memory: Memory):
+    """Per-example gradient factors of every slot of `memory` (unused slots get weight 0)."""
     D = memory.x.shape[-1]
     return example_grads(apply, params, memory.x.reshape(-1, D), memory.y.reshape(-1))
 
-  def _factored_checks(params, mem, w, x, y):
+  def factored_checks(params, mem, w, x, y):
     """(T,) <g, grad L_k> = sum_i w_ki mean_b K_ib, K the memory x batch gradient Gram."""
     k_mb = gram(params, mem, example_grads(apply, params, x, y))  # (T * M, B)
     return jnp.sum(w * jnp.mean(k_mb, axis=1).reshape(w.shape), axis=1)
@@ -359,10 +358,10 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     def factored(memory: Memory):
       w = past_weights(memory, t)  # (n, M): row k = sum_i w_ki grad l_i
       n, M = w.shape
-      mem = _memory_factors(params, memory)
+      mem = memory_factors(params, memory)
       K = gram(params, mem).reshape(n, M, n, M)
       P = jnp.einsum("km,kmln,ln->kl", w, K, w)
-      q = _factored_checks(params, mem, w, x, y)
+      q = factored_checks(params, mem, w, x, y)
       v, info = gem_dual(P, q, **{**qp_args, "mask": past[:n]})
 
       def add_rows(_):
@@ -370,7 +369,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
 
       return jax.lax.cond(info.projected, add_rows, lambda _: g, None), info
 
-    return _on_past_slots(factored, memory, t)
+    return on_past_slots(factored, memory, t)
 
   def past_rows(params, memory: Memory, t: jax.Array):
     """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
