@@ -160,14 +160,24 @@ def _polish(P, q, lower, upper, v, L, scale, kkt, steps):
   Each step guesses the active set from u = v - r / L (u <= lower: at lower; u >= upper: at upper;
   after the first step this is Hintermüller-Ito-Kunisch's rule: keep a bound while its multiplier
   has the right sign, add one when a free coordinate leaves the box), then solves the KKT system
-  exactly on it. The best clipped iterate by KKT residual is kept, so the polish never makes the
-  answer worse.
+  exactly on it. It stops after `steps` steps, or as soon as a step guesses the same active set as
+  the step before (the method's fixed point: the solve would repeat). The best clipped iterate by
+  KKT residual is kept, so the polish never makes the answer worse.
   """
 
-  def step(_, carry):
-    v, best_v, best_kkt = carry
+  def guess(v):
     u = v - (P @ v + q) / L
-    v_new = _active_set_solve(P, q, lower, upper, u <= lower, u >= upper)
+    return u <= lower, u >= upper
+
+  def cond(carry):
+    i, _, _, _, active, previous = carry
+    return (i < steps) & (
+      (i == 0) | jnp.any(active[0] != previous[0]) | jnp.any(active[1] != previous[1])
+    )
+
+  def step(carry):
+    i, v, best_v, best_kkt, active, _ = carry
+    v_new = _active_set_solve(P, q, lower, upper, *active)
     finite = jnp.all(jnp.isfinite(v_new))
     candidate = optax.projections.projection_box(v_new, lower, upper)
     k_new = _kkt(P, q, lower, upper, candidate, L, scale)
@@ -175,9 +185,12 @@ def _polish(P, q, lower, upper, v, L, scale, kkt, steps):
     best_v = jnp.where(better, candidate, best_v)
     best_kkt = jax.tree.map(lambda a, b: jnp.where(better, a, b), k_new, best_kkt)
     # Iterate unclipped: a free coordinate that left the box is then caught as active.
-    return jnp.where(finite, v_new, best_v), best_v, best_kkt
+    v = jnp.where(finite, v_new, best_v)
+    return i + 1, v, best_v, best_kkt, guess(v), active
 
-  _, best_v, best_kkt = jax.lax.fori_loop(0, steps, step, (v, v, kkt))
+  active = guess(v)
+  init = (jnp.zeros((), jnp.int32), v, v, kkt, active, active)
+  _, _, best_v, best_kkt, _, _ = jax.lax.while_loop(cond, step, init)
   return best_v, best_kkt
 
 
@@ -224,8 +237,9 @@ def solve_box_qp(
       entries are ignored, so they may hold garbage, even NaN).
     tol: relative KKT tolerance (see `QPInfo.kkt`); default `default_tol(dtype)`.
     max_iter: cap on projected-gradient iterations (a `lax.while_loop`).
-    polish_steps: primal-dual active-set steps after the projected gradient, each an exact (t, t)
-      linear solve on a guessed active set; the best iterate by KKT residual is kept (0: off).
+    polish_steps: at most this many primal-dual active-set steps after the projected gradient,
+      each an exact (t, t) linear solve on a guessed active set, stopping early when the guess
+      repeats; the best iterate by KKT residual is kept (0: off).
 
   Returns:
     (v, info): the solution (t,) and a `QPInfo`. Non-finite P or q give a NaN v and
