@@ -9,7 +9,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run test lint format bench-qp bench-run seed-variants clean
+.PHONY: setup data run test lint format bench-qp bench-run bench-sweep seed-variants clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,9 @@ bench-qp: setup
 
 bench-run: setup data
 	$(PY) experiments/bench_run.py $(ARGS)
+
+bench-sweep: setup data
+	$(PY) experiments/bench_sweep.py $(ARGS)
 
 seed-variants: setup data
 	$(PY) experiments/seed_variants.py $(ARGS)

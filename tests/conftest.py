@@ -66,20 +66,22 @@ def no_data_env(monkeypatch):
   monkeypatch.delenv(data.DATA_PATH_ENV, raising=False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def small_dataset():
-  """A synthetic Dataset: 300 train / 50 test random 28x28 uint8 images."""
+  """A synthetic Dataset: 300 train / 50 test random 28x28 uint8 images (read-only, shared)."""
   rng = np.random.default_rng(1)
+  arrays = [
+    rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
+    rng.integers(0, 10, (300,)).astype(np.int32),
+    rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+    rng.integers(0, 10, (50,)).astype(np.int32),
+  ]
+  for a in arrays:
+    a.setflags(write=False)
   return data.Dataset(
     name="fashion_mnist",
-    train=data.Split(
-      rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-      rng.integers(0, 10, (300,)).astype(np.int32),
-    ),
-    test=data.Split(
-      rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-      rng.integers(0, 10, (50,)).astype(np.int32),
-    ),
+    train=data.Split(arrays[0], arrays[1]),
+    test=data.Split(arrays[2], arrays[3]),
   )
 
 

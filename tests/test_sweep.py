@@ -1,0 +1,108 @@
+"""cljax.sweep: many runs in one compiled call equal the same runs made one by one."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import tasks
+from cljax.errors import CljaxError
+from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams
+from cljax.train import Config, HParams, make_train
+
+SEEDS = (0, 1, 2)
+
+
+def _config(**kw):
+  return Config(
+    **{"variant": "gem", "n_memories": 5, "log_every": 40, "memory_strength": 0.5, **kw}
+  )
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+  """Per-seed streams (3 tasks x 80 samples of generated images), stacked, and their keys."""
+  dataset = request.getfixturevalue("small_dataset")
+  streams = [
+    tasks.make_stream(dataset, protocol="permutations", n_tasks=3, samples_per_task=80, seed=s)
+    for s in SEEDS
+  ]
+  keys = jax.vmap(jax.random.key)(jnp.asarray(SEEDS))
+  return streams, stack_streams(streams), keys
+
+
+def _one_by_one(config, streams, keys, hparams):
+  single = jax.jit(make_train(config))
+  return [
+    single(keys[i], streams[i], jax.tree.map(lambda a, i=i: a[i], hparams))
+    for i in range(len(streams))
+  ]
+
+
+def test_map_sweep_equals_runs_one_by_one_exactly(runs):
+  streams, stacked, keys = runs
+  cfg = _config()
+  hp = grid_hparams(cfg, len(SEEDS), lr=[0.01, 0.02, 0.05])
+  swept = jax.jit(make_sweep(cfg, strategy="map"))(keys, stacked, hp)
+  for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
+    chex.assert_trees_all_equal(jax.tree.map(lambda a, i=i: a[i], swept), ref)
+  assert not np.array_equal(swept.params["out"]["bias"][0], swept.params["out"]["bias"][1])
+
+
+@pytest.mark.parametrize("strategy,batch_size", [("vmap", None), ("map", 2)])
+def test_batched_sweeps_equal_runs_one_by_one_up_to_rounding(runs, strategy, batch_size):
+  # Batched matrix products may round differently from unbatched ones on a CPU.
+  streams, stacked, keys = runs
+  cfg = _config()
+  hp = grid_hparams(cfg, len(SEEDS))
+  swept = jax.jit(make_sweep(cfg, strategy=strategy, batch_size=batch_size))(keys, stacked, hp)
+  for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
+    ours = jax.tree.map(lambda a, i=i: a[i], swept)
+    chex.assert_trees_all_close(ours.params, ref.params, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.acc, ref.acc, atol=0.03)
+    np.testing.assert_array_equal(ours.counters.steps, ref.counters.steps)
+
+
+def test_a_grid_compiles_once(runs):
+  _, stacked, keys = runs
+  cfg = _config(variant="agem_qp_mean")
+  traces = []
+
+  def counted(keys, streams, hp):
+    traces.append(1)
+    return make_sweep(cfg)(keys, streams, hp).acc
+
+  f = jax.jit(counted)
+  a = f(keys, stacked, grid_hparams(cfg, 3, memory_strength=[0.0, 0.5, 1.0]))
+  b = f(keys, stacked, grid_hparams(cfg, 3, lr=[0.03, 0.03, 0.03]))
+  assert len(traces) == 1
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_default_strategy_per_platform():
+  assert default_strategy("cpu") == "map"  # measured by experiments/bench_sweep.py
+  assert default_strategy("gpu") == default_strategy("tpu") == "vmap"
+
+
+def test_bad_input(runs, small_dataset):
+  streams, stacked, keys = runs
+  cfg = _config()
+  with pytest.raises(CljaxError, match="at least one stream"):
+    stack_streams([])
+  other = tasks.make_stream(small_dataset, protocol="permutations", n_tasks=2, samples_per_task=80)
+  with pytest.raises(CljaxError, match="disagree on train_idx shapes"):
+    stack_streams([streams[0], other])
+  subset = tasks.make_stream(
+    small_dataset, protocol="permutations", n_tasks=3, samples_per_task=80, test_samples=10
+  )
+  with pytest.raises(CljaxError, match="streams differ in test_x"):
+    stack_streams([streams[0], subset])
+  with pytest.raises(CljaxError, match=r"cannot sweep \['n_memories'\] in one compile"):
+    grid_hparams(cfg, 3, n_memories=[1, 2, 3])
+  with pytest.raises(CljaxError, match="lr needs 3 values"):
+    grid_hparams(cfg, 3, lr=[0.1])
+  with pytest.raises(CljaxError, match="unknown strategy 'pmap'"):
+    make_sweep(cfg, strategy="pmap")
+  with pytest.raises(CljaxError, match="2 keys but 3 streams"):
+    make_sweep(cfg)(keys[:2], stacked, HParams(*(jnp.ones(2) for _ in HParams._fields)))
