@@ -12,8 +12,8 @@ share their base images: only the per-task indices and pixel maps are stacked.
 
 Strategies: "map" runs the runs one after another inside the compiled call (`lax.map`, optionally
 `batch_size` at a time, vmapped); "vmap" runs all at once. `experiments/bench_sweep.py` measures
-their cost per run. On a 2-core CPU (4 seeds of gem): map 1.01x a plain run per run, vmap 1.71x,
-map/2 1.89x (a batch-1 step is latency-bound and its batched kernels are slower on a CPU), so the
+their cost per run. On a 2-core CPU (4 seeds of gem): map 1.06x a plain run per run, vmap 1.55x,
+map/2 1.72x (a batch-1 step is latency-bound and its batched kernels are slower on a CPU), so the
 default is "map" on CPUs and "vmap" on accelerators, where batching fills the device.
 """
 
