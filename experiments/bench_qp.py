@@ -6,7 +6,6 @@ import ctypes
 import math
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -19,6 +18,7 @@ import quadprog  # noqa: E402
 
 from cljax.projections import gem_project, gem_terms  # noqa: E402
 from cljax.qp import kkt_residuals, solve_box_qp  # noqa: E402
+from cljax.results import write_atomic  # noqa: E402
 
 P_MLP = 89_610  # parameters of the seed's MLP
 GEM_EPS = 1e-3  # the ridge of GEM's project2cone2
@@ -276,16 +276,8 @@ class Report:
       self.lines.append(line)
 
   def write(self, path):
-    """Write the kept lines to path atomically (a temporary file, then os.replace)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".bench_qp.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w") as f:
-        f.write("\n".join(self.lines) + "\n")
-      os.replace(tmp, path)
-    except BaseException:
-      os.unlink(tmp)
-      raise
+    """Write the kept lines to path atomically."""
+    write_atomic(path, ("\n".join(self.lines) + "\n").encode())
 
 
 def progress(msg):

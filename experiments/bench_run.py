@@ -21,18 +21,17 @@ at the matmul throughput measured in the same process (a 2048^3 float32 matmul).
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
 from cljax import data, tasks
+from cljax.results import write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
 # PyTorch GEM code on this kind of 2-core machine (torch 2.13 CPU, quadprog 0.1.14), seconds:
@@ -152,10 +151,7 @@ def main() -> None:
   text = "\n".join(lines)
   print(text)
   if args.out:
-    directory = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-      f.write(text + "\n")
-    os.replace(f.name, args.out)
+    write_atomic(args.out, (text + "\n").encode())
 
 
 if __name__ == "__main__":

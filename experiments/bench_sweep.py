@@ -11,13 +11,13 @@ jax.jit(make_train(config)) on one seed; a Python loop of plain runs costs S x t
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
 from cljax import data, tasks
+from cljax.results import write_atomic
 from cljax.sweep import grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, default_hparams, make_train
 
@@ -95,10 +95,7 @@ def main() -> None:
   text = "\n".join(lines)
   print(text)
   if args.out:
-    directory = os.path.dirname(os.path.abspath(args.out))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-      f.write(text + "\n")
-    os.replace(f.name, args.out)
+    write_atomic(args.out, (text + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ seed note printed (one seed, the PyTorch code). One compiled program per variant
 
 import argparse
 import json
-import os
-import tempfile
 import time
 
 import jax
 import numpy as np
 
 from cljax import data, metrics, tasks
+from cljax.results import write_atomic
 from cljax.train import Config, make_train
 
 SEED_NOTE = {  # printed in the seed note (PyTorch, seed 3)
@@ -76,15 +75,8 @@ def main() -> None:
     print(f"{variant:14s} {cells[0]:>15s} {cells[1]:>16s} {cells[2]:>15s}   {note_s}", flush=True)
     print(f"{'':14s} per seed Final: " + " ".join(f"{x:.4f}" for x in a[:, 0]), flush=True)
     if args.out:  # after every variant, so an interrupted sweep keeps what it computed
-      write_json(args.out, {"agem_ref": args.agem_ref, "seeds": args.seeds, "runs": records})
-
-
-def write_json(path: str, record: dict) -> None:
-  """Write record to path atomically (a temporary file in the same folder, then a rename)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    json.dump(record, f, indent=1)
-  os.replace(f.name, path)
+      record = {"agem_ref": args.agem_ref, "seeds": args.seeds, "runs": records}
+      write_atomic(args.out, (json.dumps(record, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":
