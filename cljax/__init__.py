@@ -13,6 +13,7 @@ from cljax.projections import (
   project_orthogonal,
   ravel,
   ravel_rows,
+  tree_vdot,
   unravel_rows,
 )
 from cljax.qp import QPInfo, kkt_residuals, solve_box_qp
@@ -46,5 +47,6 @@ __all__ = [
   "ravel_rows",
   "solve_box_qp",
   "train_batch",
+  "tree_vdot",
   "unravel_rows",
 ]

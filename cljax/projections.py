@@ -52,7 +52,8 @@ def _as_arrays(tree: PyTree) -> PyTree:
   return jax.tree.map(jnp.asarray, tree)
 
 
-def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """<a, b> summed over the leaves of two pytrees of the same structure (full precision)."""
   leaves = [
     jnp.vdot(x, y, precision=_HIGHEST)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
@@ -138,8 +139,8 @@ def project_orthogonal(g: PyTree, g_ref: PyTree) -> PyTree:
 
 
 def _remove_component(g: PyTree, g_ref: PyTree, *, only_if_negative: bool) -> PyTree:
-  dot = _vdot(g, g_ref)
-  sq = _vdot(g_ref, g_ref)
+  dot = tree_vdot(g, g_ref)
+  sq = tree_vdot(g_ref, g_ref)
   apply = sq > 0
   if only_if_negative:
     apply &= dot < 0
@@ -153,7 +154,7 @@ class GEMInfo(NamedTuple):
   """What `gem_project` did: whether a constraint was violated and projected, and the QP's info."""
 
   violated: jax.Array  # bool: some unmasked row has <g, row> < 0 (or the input is non-finite)
-  projected: jax.Array  # bool: the QP was applied (violated, or only_if_violated=False)
+  projected: jax.Array  # bool: the QP was applied (violated, only_if_violated=False, or trigger)
   qp: QPInfo  # the solver's diagnostics (zeros and converged=True when not projected)
 
 
@@ -183,6 +184,7 @@ def gem_project(
   mask: jax.Array | None = None,
   eps: float | jax.Array = 1e-3,
   only_if_violated: bool = True,
+  trigger: jax.Array | None = None,
   tol: float | None = None,
   max_iter: int = 1000,
   polish_steps: int = 8,
@@ -207,6 +209,9 @@ def gem_project(
     eps: ridge added to P's diagonal (>= 0).
     only_if_violated: as GEM's training loop, return g unchanged unless some unmasked row has
       <g, row> < 0; False applies the QP always (then margin > 0 moves g even with no conflict).
+    trigger: optional () bool (may be traced) that decides instead: the QP is solved and applied
+      exactly when it is True (e.g. GEM's per-task check when G is one averaged row, the seed's
+      way 3); overrides only_if_violated.
     tol: the solver's relative KKT tolerance (see `cljax.qp.solve_box_qp`).
     max_iter: the solver's cap on projected-gradient iterations.
     polish_steps: the solver's active-set polish steps.
@@ -233,6 +238,7 @@ def gem_project(
     mask=mask,
     eps=eps,
     only_if_violated=only_if_violated,
+    trigger=trigger,
     tol=tol,
     max_iter=max_iter,
     polish_steps=polish_steps,
@@ -255,6 +261,7 @@ def gem_dual(
   mask: jax.Array | None = None,
   eps: float | jax.Array = 1e-3,
   only_if_violated: bool = True,
+  trigger: jax.Array | None = None,
   tol: float | None = None,
   max_iter: int = 1000,
   polish_steps: int = 8,
@@ -294,7 +301,10 @@ def gem_dual(
   def keep(_):
     return jnp.zeros_like(q), _no_projection_info(q.dtype)
 
-  do_project = violated if only_if_violated else jnp.ones((), bool)
+  if trigger is not None:
+    do_project = jnp.asarray(trigger, bool).reshape(())
+  else:
+    do_project = violated if only_if_violated else jnp.ones((), bool)
   v, info = jax.lax.cond(do_project, solve, keep, None)
   return v, GEMInfo(violated=violated, projected=do_project, qp=info)
 

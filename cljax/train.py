@@ -30,7 +30,13 @@ from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.example_grads import example_grads, gram, weighted_grad
 from cljax.models import make_mlp
-from cljax.projections import agem_project, gem_dual, gem_project, project_orthogonal
+from cljax.projections import (
+  agem_project,
+  gem_dual,
+  gem_project,
+  project_orthogonal,
+  tree_vdot,
+)
 
 VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean")
 AGEM_REFS = ("pooled", "task_mean")
@@ -414,8 +420,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
 
     if variant == "agem" and config.agem_ref == "pooled":
       ref = pooled_ref(params, memory, past, key)
-      dot = _tree_vdot(g, ref)
-      violated = dot < 0
+      violated = tree_vdot(g, ref) < 0
       return agem_project(g, ref), (violated, violated, zero_i, zero_f, false)
 
     if variant == "gem":
@@ -426,7 +431,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     row_sum, dots = past_grads(params, memory, t, x, y, checks)
     mean_row = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
     if variant == "agem":  # task_mean reference, the paper's conditional rule
-      violated = _tree_vdot(g, mean_row) < 0
+      violated = tree_vdot(g, mean_row) < 0
       return agem_project(g, mean_row), (violated, violated, zero_i, zero_f, false)
 
     if variant == "agem_old":  # seed way 1: the summed row, GEM's QP and its own trigger
@@ -446,16 +451,15 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       return g_new, (any_conflict, any_conflict, zero_i, zero_f, false)
 
     # agem_qp_mean, seed way 3: the mean row into GEM's QP, when GEM's per-task check fires.
-    g_qp, info = gem_project(
+    g_new, info = gem_project(
       g,
       jax.tree.map(lambda r: r[None], mean_row),
       margin=hp.memory_strength,
       eps=config.eps,
-      only_if_violated=False,
+      trigger=any_conflict,
       max_iter=config.qp_max_iter,
     )
-    g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_qp, g)
-    return g_new, _qp_stats(any_conflict, any_conflict, info.qp)
+    return g_new, _qp_stats(any_conflict, info.projected, info.qp)
 
   evaluate = make_evaluate(config)
 
@@ -604,10 +608,6 @@ def _reduce(stats: StepStats) -> TaskCounters:
     qp_failures=jnp.sum(stats.qp_failed),
     mean_loss=jnp.sum(jnp.where(ran, stats.loss, 0.0)) / jnp.maximum(jnp.sum(ran), 1),
   )
-
-
-def _tree_vdot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def _tree_all_finite(tree) -> jax.Array:

@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 from cljax.errors import CljaxError
 from cljax.projections import (
   agem_project,
+  gem_dual,
   gem_project,
   project_orthogonal,
   ravel,
   ravel_rows,
+  tree_vdot,
   unravel_rows,
 )
 
@@ -213,6 +215,34 @@ def test_bad_input_errors():
     gem_project({"a": g}, {"b": G})
   with pytest.raises(CljaxError, match=r"mask must have shape \(t,\) = \(2,\)"):
     gem_project(g, G, mask=np.ones(3, bool))
+  with pytest.raises(CljaxError, match=r"gem_dual needs P \(t, t\) and q \(t,\): got P \(2, 3\)"):
+    gem_dual(np.eye(2, 3), np.zeros(2))
+  with pytest.raises(CljaxError, match=r"margin.*>= 0"):
+    gem_dual(np.eye(2), np.zeros(2), margin=-0.5)
+
+
+def test_trigger_decides_instead_of_gems_own_check():
+  # The seed's way 3: one averaged row, applied when a per-task check (computed elsewhere) fires.
+  rng = np.random.default_rng(2)
+  G = rng.standard_normal((1, DIM)).astype(np.float32)
+  g = (-G[0] + 0.1 * rng.standard_normal(DIM)).astype(np.float32)  # conflicts with the row
+  out, info = gem_project(g, G, margin=0.5, trigger=False)
+  np.testing.assert_array_equal(np.asarray(out), g)
+  assert bool(info.violated) and not bool(info.projected)
+  g_free = (
+    -g
+  )  # no conflict, but the trigger fires: the QP is applied as with only_if_violated=False
+  fired = jax.jit(lambda g, c: gem_project(g, G, margin=0.5, trigger=c))
+  out, info = fired(g_free, jnp.bool_(True))
+  ref, _ = gem_project(g_free, G, margin=0.5, only_if_violated=False)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
+  assert bool(info.projected) and not bool(info.violated)
+
+
+def test_tree_vdot_sums_over_leaves():
+  a = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
+  b = {"w": np.full((2, 3), 2.0, np.float32), "b": np.array([3.0, -1.0], np.float32)}
+  assert float(tree_vdot(a, b)) == 2 * 15 + 2
 
 
 def test_traced_margin_is_accepted_for_sweeps():
