@@ -4,12 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 VARIANT ?= agem_new
+SEEDS ?= 10
 ARGS ?=
 EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run test lint format bench-qp bench-run bench-sweep seed-variants clean
+.PHONY: setup data run sweep which-agem test lint format bench-qp bench-run bench-sweep seed-variants clean
 
 setup: $(STAMP)
 
@@ -37,6 +38,13 @@ data:
 
 run: setup data
 	$(PY) -m cljax --model $(VARIANT) $(ARGS)
+
+# SEEDS seeds (a count or a list) of one variant; --lr / --memory_strength lists in ARGS form a grid.
+sweep: setup data
+	$(PY) -m cljax.sweep_cli --model $(VARIANT) --seeds $(SEEDS) $(ARGS)
+
+which-agem: setup data
+	$(PY) experiments/which_agem.py --seeds $(SEEDS) $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)

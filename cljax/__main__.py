@@ -58,8 +58,7 @@ SEED_ONLY_FLAGS = (
   "create_group_per_unit",
 )
 
-_MEMORY_STRENGTH_VARIANTS = ("gem", "agem_old", "agem_qp_mean")  # GEM's QP margin
-_QP_VARIANTS = _MEMORY_STRENGTH_VARIANTS
+_RULE_FLAGS = ("reference_row", "trigger", "projection")  # train.Config's A-GEM rule overrides
 
 
 class _Parser(argparse.ArgumentParser):
@@ -296,6 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
     help="memory gradients from per-example factors (fast, the MLP) or one backward pass per "
     "past task (explicit rows); the same numbers up to rounding",
   )
+  rules = ", ".join(f"{v} = {'/'.join(r)}" for v, r in train.AGEM_RULES.items())
+  add(
+    own,
+    "--reference_row",
+    default=None,
+    choices=train.REFERENCE_ROWS,
+    help="A-GEM family: the reference row, the mean or the sum of the per-task memory gradients "
+    f"(default: the variant's; presets reference_row/trigger/projection: {rules})",
+  )
+  add(
+    own,
+    "--trigger",
+    default=None,
+    choices=train.TRIGGERS,
+    help="A-GEM family: when g may change: <g, ref> < 0 (reference) or GEM's per-task check "
+    "(per_task)",
+  )
+  add(
+    own,
+    "--projection",
+    default=None,
+    choices=train.PROJECTIONS,
+    help="A-GEM family: the paper's conditional projection, the unconditional removal of the "
+    "ref component, or GEM's QP on the one row (margin --memory_strength)",
+  )
   own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
   return p
 
@@ -321,15 +345,21 @@ def data_file_settings(data_file: str) -> tuple[str, str]:
   )
 
 
-def unused_dests(variant: str, agem_ref: str) -> frozenset[str]:
+def uses_qp(variant: str, projection: str | None = None) -> bool:
+  """Whether a run solves GEM's QP (reads memory_strength, eps and qp_max_iter)."""
+  if variant == "gem":
+    return True
+  preset = train.AGEM_RULES.get(variant)
+  return preset is not None and (projection or preset[2]) == "qp"
+
+
+def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> frozenset[str]:
   """The flags (argparse dests) that `variant` does not read: reported as unused when given."""
   unused = set(SEED_ONLY_FLAGS)
   if variant == "single":
     unused.update(("n_memories", "memory_grads"))
-  if variant not in _MEMORY_STRENGTH_VARIANTS:
-    unused.add("memory_strength")
-  if variant not in _QP_VARIANTS:
-    unused.update(("eps", "qp_max_iter"))
+  if not uses_qp(variant, projection):
+    unused.update(("memory_strength", "eps", "qp_max_iter"))
   if variant != "agem":
     unused.add("agem_ref")
   if not (variant == "agem" and agem_ref == "pooled"):
@@ -341,11 +371,13 @@ def unused_dests(variant: str, agem_ref: str) -> frozenset[str]:
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
   """The flags given on the command line that the variant does not use, each once, in order."""
-  unused = unused_dests(args.model, args.agem_ref)
+  unused = unused_dests(args.model, args.agem_ref, args.projection)
   return [f"--{dest}" for dest in args.given if dest in unused]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+def parse_args(
+  argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, list[str]]:
   """Parses and checks a command line; returns the settings and the notes to show.
 
   The returned namespace has every flag's value and `given`, the flags given explicitly (a dict
@@ -357,7 +389,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     CljaxError: an unknown flag, a bad value, or an unreadable --data_file name.
     SystemExit: --help (after printing the help).
   """
-  parser = build_parser()
+  parser = build_parser() if parser is None else parser
   args, extra = parser.parse_known_args(argv, argparse.Namespace(given={}))
   if extra:
     flags = list(dict.fromkeys(e.split("=", 1)[0] for e in extra if e.startswith("-")))
@@ -403,6 +435,7 @@ def train_config(args: argparse.Namespace) -> train.Config:
     eval_batch_size=args.eval_batch_size,
     qp_max_iter=args.qp_max_iter,
     memory_grads=args.memory_grads,
+    **{name: getattr(args, name) for name in _RULE_FLAGS},
   )
 
 
@@ -431,8 +464,8 @@ def _data_path(args: argparse.Namespace) -> tuple[str | None, str | None]:
   return path, None
 
 
-def _load_stream(args: argparse.Namespace, data_path: str | None):
-  """(stream, source, IDX folder or None, warnings): the task stream the settings describe."""
+def _load_streams(args: argparse.Namespace, data_path: str | None, seeds: Sequence[int]):
+  """(streams, source, IDX folder or None, warnings): one task stream per seed."""
   source = data.resolve_source(args.dataset, data_path=data_path, source=args.source)
   directory = data.resolve_data_path(args.dataset, data_path) if source == "idx" else None
   with warnings.catch_warnings(record=True) as caught:
@@ -440,21 +473,31 @@ def _load_stream(args: argparse.Namespace, data_path: str | None):
     dataset = data.load_dataset(
       args.dataset, data_path=data_path, source=source, tfds_data_dir=args.tfds_data_dir
     )
-    stream = tasks.make_stream(
-      dataset,
-      protocol=args.protocol,
-      n_tasks=args.n_tasks,
-      samples_per_task=args.samples_per_task,
-      test_samples=args.test_samples,
-      seed=args.seed,
-    )
+    streams = [
+      tasks.make_stream(
+        dataset,
+        protocol=args.protocol,
+        n_tasks=args.n_tasks,
+        samples_per_task=args.samples_per_task,
+        test_samples=args.test_samples,
+        seed=seed,
+      )
+      for seed in seeds
+    ]
   messages = []
   for w in caught:
     if issubclass(w.category, UserWarning):
-      messages.append(str(w.message))
+      if str(w.message) not in messages:
+        messages.append(str(w.message))
     else:
       warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-  return stream, source, directory, messages
+  return streams, source, directory, messages
+
+
+def _load_stream(args: argparse.Namespace, data_path: str | None):
+  """(stream, source, IDX folder or None, warnings): the task stream the settings describe."""
+  streams, source, directory, messages = _load_streams(args, data_path, [args.seed])
+  return streams[0], source, directory, messages
 
 
 class _Prepared(NamedTuple):
@@ -476,7 +519,12 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     _note(message)
   config = train_config(args)
   name = results.run_name(
-    args.model, args.dataset, args.protocol, args.seed, agem_ref=args.agem_ref
+    args.model,
+    args.dataset,
+    args.protocol,
+    args.seed,
+    agem_ref=args.agem_ref,
+    rule={name: getattr(args, name) for name in _RULE_FLAGS},
   )
   data_path, note = _data_path(args)
   if note:
@@ -535,14 +583,16 @@ def _record(p: _Prepared, result, timings, device, argv) -> dict[str, Any]:
   )
 
 
-def _divergence_message(t: int, n_tasks: int, variant: str, folder: str) -> str:
+def _divergence_message(
+  t: int, n_tasks: int, variant: str, folder: str, projection: str | None = None
+) -> str:
   if t + 2 == n_tasks:
     rest = f"task {t + 1} was not trained; "
   elif t + 1 < n_tasks:
     rest = f"tasks {t + 1}-{n_tasks - 1} were not trained; "
   else:
     rest = ""
-  knobs = "--lr or --memory_strength" if variant in _MEMORY_STRENGTH_VARIANTS else "--lr"
+  knobs = "--lr or --memory_strength" if uses_qp(variant, projection) else "--lr"
   return (
     f"parameters became non-finite while training task {t}; {rest}results so far are kept in "
     f"{folder}; try a lower {knobs}"
@@ -621,7 +671,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f"results: {p.folder}")
   diverged = record["diverged_at_task"]
   if diverged is not None:
-    _error(_divergence_message(diverged, n_tasks, args.model, p.folder))
+    _error(_divergence_message(diverged, n_tasks, args.model, p.folder, args.projection))
     return 1
   return 0
 

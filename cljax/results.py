@@ -28,14 +28,22 @@ _ANNOTATE_MAX_TASKS = 20  # above this, the heatmap's cells are too small for th
 
 
 def run_name(
-  variant: str, dataset: str, protocol: str, seed: int, *, agem_ref: str | None = None
+  variant: str,
+  dataset: str,
+  protocol: str,
+  seed: int,
+  *,
+  agem_ref: str | None = None,
+  rule: Mapping[str, str | None] | None = None,
 ) -> str:
   """The results folder's name: "{variant}_{dataset}_{protocol}_seed{seed}".
 
   For variant "agem" the reference gradient is part of the name ("agem_pooled_..."), since the
-  two references are different methods.
+  two references are different methods; so are the A-GEM rule overrides that are set (`rule`,
+  e.g. {"trigger": "reference"} -> "agem_new-trigger-reference_...").
   """
   head = f"{variant}_{agem_ref}" if variant == "agem" and agem_ref else variant
+  head += "".join(f"-{k}-{v}" for k, v in (rule or {}).items() if v is not None)
   return f"{head}_{dataset}_{protocol}_seed{seed}"
 
 

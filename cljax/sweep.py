@@ -85,45 +85,111 @@ def grid_hparams(config: Config, n_runs: int, **values: Sequence[float]) -> HPar
 
 
 def default_strategy(platform: str | None = None) -> str:
-  """The measured-fastest strategy for a platform (default: JAX's default backend)."""
+  """The measured-fastest strategy on one device of a platform (default: JAX's default backend)."""
   platform = jax.default_backend() if platform is None else platform
   return "map" if platform == "cpu" else "vmap"
 
 
 def make_sweep(
-  config: Config, *, strategy: str | None = None, batch_size: int | None = None
+  config: Config,
+  *,
+  strategy: str | None = None,
+  batch_size: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+  on_run: Callable[[int, RunResult], None] | None = None,
 ) -> Callable[[jax.Array, TaskStream, HParams], RunResult]:
   """Return sweep(keys (S,), stacked stream, hparams (S,)) -> RunResult with a leading axis S.
+
+  The runs are split across `devices` (a `shard_map` over a 1-D mesh: each device runs S / n of
+  them; S is padded to a multiple of n with copies of run 0, whose results are dropped), and each
+  device runs its share by `strategy`.
 
   Args:
     config: the static `Config` shared by all runs.
     strategy: "map" (lax.map over runs, `batch_size` at a time; None: one at a time) or "vmap";
       None: `default_strategy()`.
     batch_size: with "map", how many runs are vmapped together per iteration.
+    devices: the devices to split the runs across; None: all devices of the default backend
+      (on a CPU, one per `jax_num_cpu_devices` / `--xla_force_host_platform_device_count`).
+    on_run: optional host function on_run(i, result) called as each run i finishes (through
+      `jax.debug.callback`, with the run's RunResult minus params, as numpy arrays), e.g. to
+      write its record; it may be called from several threads at once and in any order, and
+      should not raise (an exception surfaces as a runtime error of the whole call).
   """
   strategy = default_strategy() if strategy is None else strategy
   if strategy not in STRATEGIES:
     raise CljaxError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}.")
   if batch_size is not None and (strategy != "map" or batch_size < 1):
     raise CljaxError("batch_size is for strategy 'map' and must be >= 1.")
+  devices = list(jax.devices() if devices is None else devices)
+  if not devices:
+    raise CljaxError("make_sweep needs at least one device.")
   train = make_train(config)
+
+  def run(index, key, stream: TaskStream, hp: HParams) -> RunResult:
+    result = train(key, stream, hp)
+    if on_run is not None:
+      jax.debug.callback(_report(on_run), index, result._replace(params=None))
+    return result
+
+  def local(index, keys, streams: TaskStream, hparams: HParams) -> RunResult:
+    """The runs of one device: index, keys, hparams and the per-run stream fields (s, ...)."""
+    if strategy == "vmap":
+      return jax.vmap(run, in_axes=(0, 0, stream_axes(), 0))(index, keys, streams, hparams)
+    per_run = {n: getattr(streams, n) for n in _PER_RUN_FIELDS}
+
+    def one(args: tuple[Any, ...]) -> RunResult:
+      i, key, fields, hp = args
+      return run(i, key, streams._replace(**fields), hp)
+
+    return jax.lax.map(one, (index, keys, per_run, hparams), batch_size=batch_size)
 
   def sweep(keys: jax.Array, streams: TaskStream, hparams: HParams) -> RunResult:
     n_runs = keys.shape[0]
+    if n_runs == 0:
+      raise CljaxError("a sweep needs at least one run (got 0 keys).")
     for name in _PER_RUN_FIELDS:
       if getattr(streams, name).shape[0] != n_runs:
         raise CljaxError(
           f"{n_runs} keys but {getattr(streams, name).shape[0]} streams: use stack_streams "
           "with one stream per run."
         )
-    if strategy == "vmap":
-      return jax.vmap(train, in_axes=(0, stream_axes(), 0))(keys, streams, hparams)
-    per_run = {n: getattr(streams, n) for n in _PER_RUN_FIELDS}
+    for name, value in hparams._asdict().items():
+      if jnp.shape(value) != (n_runs,):
+        raise CljaxError(f"hparams.{name} needs shape ({n_runs},), got {jnp.shape(value)}.")
+    index = jnp.arange(n_runs, dtype=jnp.int32)
+    if len(devices) == 1:
+      return local(index, keys, streams, hparams)
+    n_dev = len(devices)
+    padded = -(-n_runs // n_dev) * n_dev
 
-    def one(args: tuple[Any, ...]) -> RunResult:
-      key, fields, hp = args
-      return train(key, streams._replace(**fields), hp)
+    def pad(a, fill=None):  # to `padded` rows, with copies of row 0 (or `fill`)
+      rows = jnp.broadcast_to(a[:1] if fill is None else fill, (padded - n_runs, *a.shape[1:]))
+      return jnp.concatenate([a, rows])
 
-    return jax.lax.map(one, (keys, per_run, hparams), batch_size=batch_size)
+    index = pad(index, jnp.int32(-1))  # -1: a padding run, not reported
+    keys, hparams = pad(keys), jax.tree.map(pad, hparams)
+    streams = streams._replace(**{n: pad(getattr(streams, n)) for n in _PER_RUN_FIELDS})
+    mesh = jax.sharding.Mesh(np.array(devices), ("runs",))
+    runs, shared = jax.sharding.PartitionSpec("runs"), jax.sharding.PartitionSpec()
+    stream_specs = TaskStream(
+      *(runs if n in _PER_RUN_FIELDS else shared for n in TaskStream._fields)
+    )
+    sharded = jax.shard_map(
+      local, mesh=mesh, in_specs=(runs, runs, stream_specs, runs), out_specs=runs, check_vma=False
+    )
+    result = sharded(index, keys, streams, hparams)
+    return jax.tree.map(lambda a: a[:n_runs], result)
 
   return sweep
+
+
+def _report(on_run: Callable[[int, RunResult], None]) -> Callable[..., None]:
+  """The host side of `on_run`: numpy arrays in, padding runs (index -1) skipped."""
+
+  def callback(index, result: RunResult) -> None:
+    i = int(index)
+    if i >= 0:
+      on_run(i, jax.tree.map(np.asarray, result))
+
+  return callback

@@ -41,6 +41,16 @@ from cljax.projections import (
 VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean")
 AGEM_REFS = ("pooled", "task_mean")
 MEMORY_GRADS = ("factored", "explicit")
+REFERENCE_ROWS = ("mean", "sum")
+TRIGGERS = ("reference", "per_task")
+PROJECTIONS = ("conditional", "unconditional", "qp")
+# The task-mean A-GEM family: each variant is a (reference row, trigger, projection) preset.
+AGEM_RULES = {
+  "agem": ("mean", "reference", "conditional"),  # the A-GEM paper's rule (agem_ref task_mean)
+  "agem_old": ("sum", "reference", "qp"),  # the seed's way 1
+  "agem_new": ("mean", "per_task", "unconditional"),  # the seed's way 2
+  "agem_qp_mean": ("mean", "per_task", "qp"),  # the seed's way 3
+}
 _MEMORY_VARIANTS = frozenset(VARIANTS) - {"single"}
 
 
@@ -65,6 +75,13 @@ class Config:
     eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
     eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
     qp_max_iter: the QP solver's iteration cap.
+    reference_row, trigger, projection: override the variant's preset in `AGEM_RULES` (None:
+      the preset), for the task-mean A-GEM family (agem with agem_ref task_mean, agem_old,
+      agem_new, agem_qp_mean). reference_row: "mean" or "sum" of the per-task memory gradients
+      r_k = grad L_k (k < t). trigger: when g may change: "reference" (<g, ref> < 0) or
+      "per_task" (GEM's check: some <g, r_k> < 0). projection: "conditional" (the paper's
+      g - min(0, <g, ref>) / |ref|^2 ref), "unconditional" (remove the ref component whatever its
+      sign) or "qp" (GEM's dual QP on the one row: g + v ref, v >= memory_strength).
     memory_grads: how past-task memory gradients are computed. "factored" (default): one forward
       and backward pass over the whole (T x n_memories) memory, kept as per-example factors
       (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
@@ -88,6 +105,16 @@ class Config:
   eval_batch_size: int = 2000
   qp_max_iter: int = 1000
   memory_grads: str = "factored"
+  reference_row: str | None = None
+  trigger: str | None = None
+  projection: str | None = None
+
+  @property
+  def agem_rule(self) -> tuple[str, str, str]:
+    """(reference_row, trigger, projection) of a task-mean A-GEM family run: preset + overrides."""
+    preset = AGEM_RULES.get(self.variant, (None, None, None))
+    overrides = (self.reference_row, self.trigger, self.projection)
+    return tuple(o if o is not None else p for o, p in zip(overrides, preset, strict=True))
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -98,6 +125,23 @@ class Config:
       raise CljaxError(
         f"unknown memory_grads {self.memory_grads!r}: choose one of {', '.join(MEMORY_GRADS)}."
       )
+    for name, choices in (
+      ("reference_row", REFERENCE_ROWS),
+      ("trigger", TRIGGERS),
+      ("projection", PROJECTIONS),
+    ):
+      value = getattr(self, name)
+      if value is None:
+        continue
+      if value not in choices:
+        raise CljaxError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}.")
+      pooled = self.variant == "agem" and self.agem_ref != "task_mean"
+      if self.variant not in AGEM_RULES or pooled:
+        raise CljaxError(
+          f"{name} applies to the task-mean A-GEM family ({', '.join(AGEM_RULES)}; agem with "
+          f"agem_ref task_mean), not to {self.variant}"
+          + (f" with agem_ref {self.agem_ref}." if self.variant == "agem" else ".")
+        )
     if not self.lr > 0:
       raise CljaxError(f"lr must be > 0, got {self.lr}.")
     if self.memory_strength < 0:
@@ -427,39 +471,35 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       g_new, info = gem_step(g, params, memory, t, x, y, hp)
       return g_new, _qp_stats(info.violated, info.projected, info.qp)
 
-    checks = variant in ("agem_new", "agem_qp_mean")
-    row_sum, dots = past_grads(params, memory, t, x, y, checks)
-    mean_row = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
-    if variant == "agem":  # task_mean reference, the paper's conditional rule
-      violated = tree_vdot(g, mean_row) < 0
-      return agem_project(g, mean_row), (violated, violated, zero_i, zero_f, false)
+    # The task-mean A-GEM family: a reference row, a trigger, a projection (`Config.agem_rule`).
+    reference, trigger, projection = config.agem_rule
+    per_task = trigger == "per_task"
+    row_sum, dots = past_grads(params, memory, t, x, y, per_task)
+    ref = row_sum
+    if reference == "mean":
+      ref = jax.tree.map(lambda r: r / jnp.maximum(t, 1).astype(r.dtype), row_sum)
+    any_conflict = jnp.any((dots < 0) & past) if per_task else None  # GEM's per-task check
 
-    if variant == "agem_old":  # seed way 1: the summed row, GEM's QP and its own trigger
+    if projection == "qp":  # GEM's QP on the one row, margin v >= memory_strength
       g_new, info = gem_project(
         g,
-        jax.tree.map(lambda r: r[None], row_sum),
+        jax.tree.map(lambda r: r[None], ref),
         margin=hp.memory_strength,
         eps=config.eps,
+        trigger=any_conflict,  # None: the QP's own check, <g, ref> < 0
         max_iter=config.qp_max_iter,
       )
-      return g_new, _qp_stats(info.violated, info.projected, info.qp)
+      fired = any_conflict if per_task else info.violated
+      return g_new, _qp_stats(fired, info.projected, info.qp)
 
-    any_conflict = jnp.any((dots < 0) & past)  # GEM's per-task check
-    if variant == "agem_new":  # seed way 2: GEM's per-task trigger, unconditional removal
-      g_new = project_orthogonal(g, mean_row)
-      g_new = jax.tree.map(lambda a, b: jnp.where(any_conflict, a, b), g_new, g)
-      return g_new, (any_conflict, any_conflict, zero_i, zero_f, false)
-
-    # agem_qp_mean, seed way 3: the mean row into GEM's QP, when GEM's per-task check fires.
-    g_new, info = gem_project(
-      g,
-      jax.tree.map(lambda r: r[None], mean_row),
-      margin=hp.memory_strength,
-      eps=config.eps,
-      trigger=any_conflict,
-      max_iter=config.qp_max_iter,
-    )
-    return g_new, _qp_stats(any_conflict, info.projected, info.qp)
+    conflict = tree_vdot(g, ref) < 0  # the reference trigger
+    fired = any_conflict if per_task else conflict
+    if projection == "conditional":  # the paper's rule: only a conflicting g is changed
+      g_new, projected = agem_project(g, ref), fired & conflict
+    else:  # unconditional: remove the ref component whatever its sign
+      g_new, projected = project_orthogonal(g, ref), fired
+    g_new = jax.tree.map(lambda a, b: jnp.where(fired, a, b), g_new, g)
+    return g_new, (fired, projected, zero_i, zero_f, false)
 
   evaluate = make_evaluate(config)
 
@@ -490,7 +530,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       g, (violated, projected, qp_it, kkt, qp_failed) = jax.lax.cond(
         t > 0,  # no past task yet: nothing to project against
         lambda: project_step(g, state.params, memory, t, x, y, hp, key),
-        lambda: (g, _NO_PROJECTION),
+        lambda: (g, _no_projection()),
       )
       updates, opt_state = opt.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
@@ -500,7 +540,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
 
     def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       del t, j
-      zero = StepStats(*(jnp.zeros((), f.dtype) for f in _STEP_FIELDS))
+      zero = StepStats(*(jnp.zeros((), d) for d in _STEP_DTYPES))
       return state, zero
 
     def step(state: TrainState, xs):
@@ -584,16 +624,17 @@ def _qp_stats(violated, projected, info):
   )
 
 
-_NO_PROJECTION = (
-  jnp.zeros((), bool),
-  jnp.zeros((), bool),
-  jnp.zeros((), jnp.int32),
-  jnp.zeros((), jnp.float32),
-  jnp.zeros((), bool),
-)
-_STEP_FIELDS = StepStats(
-  *(jnp.zeros((), d) for d in (bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool))
-)
+def _no_projection() -> tuple[jax.Array, ...]:
+  """The project_step stats of a step that does not project.
+
+  Created lazily: importing cljax must not initialise a JAX backend, so that a caller can still
+  choose the CPU device count (`jax_num_cpu_devices`).
+  """
+  false, zero_i, zero_f = jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+  return false, false, zero_i, zero_f, false
+
+
+_STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)
 
 
 def _reduce(stats: StepStats) -> TaskCounters:

@@ -1,11 +1,12 @@
 """Sweep benchmark: the cost per run of S seeds in one compiled call, relative to one plain run.
 
 Strategies (cljax.sweep.make_sweep): "map" (lax.map, one run after another inside the call),
-"map/B" (lax.map vmapping B runs at a time) and "vmap" (all S at once). A plain run is
-jax.jit(make_train(config)) on one seed; a Python loop of plain runs costs S x that. Medians of
---repeats calls after a warm-up, compile time separately; all in one process, side by side.
+"vmap" (all at once), each on one device or split across all host devices (one per core, a
+shard_map). A plain run is jax.jit(make_train(config)) on one seed; a Python loop of plain runs
+costs S x that. Medians of --repeats calls (the plain run after a warm-up; a sweep call right
+after its compile), compile time separately; all in one process, side by side.
 
-    python experiments/bench_sweep.py [--variant gem] [--seeds 4] [--n_tasks 10] [--out FILE]
+    python experiments/bench_sweep.py [--variant gem] [--seeds 10] [--n_tasks 10] [--out FILE]
 """
 
 import argparse
@@ -14,16 +15,20 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
-from cljax import data, tasks
-from cljax.results import write_atomic
-from cljax.sweep import grid_hparams, make_sweep, stack_streams
-from cljax.train import Config, default_hparams, make_train
+jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))  # before any JAX op
+
+import jax.numpy as jnp  # noqa: E402
+
+from cljax import data, tasks  # noqa: E402
+from cljax.results import write_atomic  # noqa: E402
+from cljax.sweep import grid_hparams, make_sweep, stack_streams  # noqa: E402
+from cljax.train import Config, default_hparams, make_train  # noqa: E402
 
 
-def timed(fn, repeats):
-  fn()  # warm
+def timed(fn, repeats, warm=True):
+  if warm:
+    fn()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -35,9 +40,16 @@ def timed(fn, repeats):
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="gem")
-  parser.add_argument("--seeds", type=int, default=4)
+  parser.add_argument("--seeds", type=int, default=10)
   parser.add_argument("--n_tasks", type=int, default=10)
   parser.add_argument("--samples_per_task", type=int, default=1000)
+  parser.add_argument("--log_every", type=int, default=100, help="0: evaluate at task ends only")
+  parser.add_argument(
+    "--strategies",
+    nargs="+",
+    default=["map1", "vmap1", "map", "vmap"],
+    help="map1 / vmap1: on one device; map / vmap: split across all host devices",
+  )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
@@ -54,7 +66,8 @@ def main() -> None:
     )
     for s in seeds
   ]
-  config = Config(variant=args.variant, agem_ref="task_mean")  # the seed's settings otherwise
+  # The seed's settings otherwise.
+  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
   stacked, hp = stack_streams(streams), grid_hparams(config, len(seeds))
 
@@ -66,22 +79,31 @@ def main() -> None:
     args.repeats,
   )
   rows[0] = (*rows[0][:2], plain_s)
-  for name, strategy, batch in [
-    ("map", "map", None),
-    ("map/2", "map", 2),
-    (f"vmap ({len(seeds)})", "vmap", None),
-  ]:
+  devices = jax.devices()
+  per_device = -(-len(seeds) // len(devices))
+  candidates = {
+    "map1": ("map, 1 device", "map", devices[:1]),
+    "vmap1": (f"vmap ({len(seeds)}), 1 device", "vmap", devices[:1]),
+    "map": (f"map, {len(devices)} devices", "map", devices),
+    "vmap": (f"vmap ({per_device} per device), {len(devices)} devices", "vmap", devices),
+  }
+  for name, strategy, devs in (candidates[k] for k in args.strategies):
+    if len(devs) < 2 and name.endswith("devices"):
+      continue
     t0 = time.perf_counter()
-    fn = jax.jit(make_sweep(config, strategy=strategy, batch_size=batch))
+    fn = jax.jit(make_sweep(config, strategy=strategy, devices=devs))
     fn = fn.lower(keys, stacked, hp).compile()
     compile_s = time.perf_counter() - t0
-    total = timed(lambda fn=fn: jax.block_until_ready(fn(keys, stacked, hp)), args.repeats)
-    rows.append((name, compile_s, total))
+    call = lambda fn=fn: jax.block_until_ready(fn(keys, stacked, hp))  # noqa: E731
+    rows.append((name, compile_s, timed(call, args.repeats, warm=False)))
+    print(rows[-1], flush=True)
 
   lines = [
     f"Sweep of {len(seeds)} seeds, variant {args.variant}, {args.n_tasks} tasks x "
-    f"{args.samples_per_task} samples (the seed's settings otherwise), {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {args.repeats}.",
+    f"{args.samples_per_task} samples, log_every {args.log_every} (the seed's settings "
+    f"otherwise), {os.cpu_count()} CPUs "
+    f"({len(devices)} host devices), jax {jax.__version__} on {devices[0].platform}; medians of "
+    f"{args.repeats}.",
     "",
     "| strategy | compile s | call s | s per run | per run / plain run |",
     "| --- | --- | --- | --- | --- |",

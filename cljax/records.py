@@ -1,0 +1,306 @@
+"""A sweep's results folder: a manifest, one record per (setting, seed), resume, and a summary.
+
+    folder/
+      sweep.json                      the manifest: the fixed settings of every record
+      runs/lr0.01_ms10_seed3.json     one run: `results.make_record`'s dict + "sweep" + "checksum"
+      summary.md, summary.json        mean +- std per setting, over the folder's records
+      summary.png                     Final / Backward / Forward per setting, with error bars
+
+Records are written atomically as each run finishes. A record is reused only when it parses,
+its checksum matches its content, and it names this manifest's fingerprint, its setting and its
+seed; anything else is reported and run again (never silently reused). A folder whose manifest
+differs from the current settings is refused: a sweep never mixes configurations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from cljax.errors import CljaxError
+from cljax.results import dumps, write_atomic
+
+SWEEP_JSON = "sweep.json"
+RUNS_DIR = "runs"
+SUMMARY_MD = "summary.md"
+SUMMARY_JSON = "summary.json"
+SUMMARY_PNG = "summary.png"
+SCHEMA_VERSION = 1
+METRICS = ("final", "backward", "forward")  # GEM's printed statistics (cljax.metrics.gem_stats)
+
+
+class Setting(NamedTuple):
+  """One grid point: the traced hyper-parameters (`cljax.train.HParams`) of a run."""
+
+  lr: float
+  memory_strength: float
+
+  @property
+  def name(self) -> str:
+    """E.g. "lr0.01_ms10" (a file-name-safe label)."""
+    return f"lr{self.lr:g}_ms{self.memory_strength:g}"
+
+
+def fingerprint(fixed: Mapping[str, Any]) -> str:
+  """A short hash of the fixed settings (canonical JSON): equal settings, equal fingerprint."""
+  return _sha256(fixed)[:16]
+
+
+def open_folder(folder: str | os.PathLike, fixed: Mapping[str, Any]) -> str:
+  """Creates the folder and its manifest, or checks that an existing one has the same settings.
+
+  Args:
+    folder: the sweep's folder.
+    fixed: the settings every record of the folder shares (JSON-ready; not the swept ones).
+
+  Returns:
+    The fingerprint of `fixed`.
+
+  Raises:
+    CljaxError: the folder holds a sweep of other settings (the differences are named), or its
+      manifest is unreadable.
+  """
+  folder = os.fspath(folder)
+  path = os.path.join(folder, SWEEP_JSON)
+  manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint(fixed), "fixed": dict(fixed)}
+  manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+      old_fixed = old["fixed"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CljaxError(
+        f"{path} is unreadable ({e}): remove the folder or choose another --sweep_dir."
+      ) from None
+    if old_fixed != manifest["fixed"]:
+      diffs = _differences(old_fixed, manifest["fixed"])
+      raise CljaxError(
+        f"{folder} holds a sweep with other settings ({'; '.join(diffs[:6])}): refusing to mix "
+        "configurations; choose another --sweep_dir (or remove that folder)."
+      )
+    return manifest["fingerprint"]
+  try:
+    os.makedirs(os.path.join(folder, RUNS_DIR), exist_ok=True)
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+  except OSError as e:
+    raise CljaxError(f"cannot create the sweep folder {folder}: {e.strerror or e}") from None
+  return manifest["fingerprint"]
+
+
+def record_path(folder: str | os.PathLike, setting: Setting, seed: int) -> str:
+  """Where the record of (setting, seed) lives."""
+  return os.path.join(os.fspath(folder), RUNS_DIR, f"{setting.name}_seed{seed}.json")
+
+
+def write_record(
+  folder: str | os.PathLike, record: Mapping[str, Any], setting: Setting, seed: int, fp: str
+) -> str:
+  """Writes one run's record atomically, with its sweep key and a checksum; returns its path."""
+  content = dict(record)
+  content["sweep"] = {"fingerprint": fp, "setting": setting._asdict(), "seed": int(seed)}
+  content = json.loads(dumps(content))  # the values exactly as a reader will see them
+  content["checksum"] = _sha256(content)
+  path = record_path(folder, setting, seed)
+  write_atomic(path, dumps(content).encode())
+  return path
+
+
+def load_record(
+  folder: str | os.PathLike, setting: Setting, seed: int, fp: str
+) -> tuple[dict[str, Any] | None, str | None]:
+  """(record, None) for a valid record of (setting, seed); (None, why) when it is absent or bad."""
+  path = record_path(folder, setting, seed)
+  if not os.path.exists(path):
+    return None, None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    checksum = record.pop("checksum")
+  except (OSError, ValueError, KeyError, AttributeError) as e:
+    return None, f"{path}: unreadable ({type(e).__name__}: {e})"
+  if checksum != _sha256(record):
+    return None, f"{path}: checksum mismatch (truncated or edited)"
+  key = record.get("sweep", {})
+  expected = {"fingerprint": fp, "setting": setting._asdict(), "seed": int(seed)}
+  if key != expected:
+    return None, f"{path}: made for {key}, expected {expected}"
+  if not all(k in record for k in ("matrix", "gem_stats", "counters")):
+    return None, f"{path}: incomplete record"
+  return record, None
+
+
+def plan(
+  folder: str | os.PathLike, settings: Sequence[Setting], seeds: Sequence[int], fp: str
+) -> tuple[list[tuple[Setting, int]], list[tuple[Setting, int]], list[str]]:
+  """(finished, to_run, problems): which (setting, seed) pairs have valid records.
+
+  problems: one line per record that exists but cannot be reused (it is in to_run).
+  """
+  finished, to_run, problems = [], [], []
+  for setting in settings:
+    for seed in seeds:
+      record, problem = load_record(folder, setting, seed, fp)
+      (finished if record is not None else to_run).append((setting, seed))
+      if problem:
+        problems.append(problem)
+  return finished, to_run, problems
+
+
+def folder_records(folder: str | os.PathLike, fp: str) -> list[dict[str, Any]]:
+  """Every valid record in the folder's runs/ (of any setting and seed), in file-name order."""
+  runs = os.path.join(os.fspath(folder), RUNS_DIR)
+  out = []
+  for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+    if not name.endswith(".json"):
+      continue
+    try:
+      with open(os.path.join(runs, name)) as f:
+        key = json.load(f)["sweep"]
+      setting, seed = Setting(**key["setting"]), int(key["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+      continue
+    record, _ = load_record(folder, setting, seed, fp)
+    if record is not None:
+      out.append(record)
+  return out
+
+
+def projected_fraction(record: Mapping[str, Any]) -> float:
+  """The fraction of steps that changed the gradient, over the tasks that have past tasks (1..)."""
+  counters = record["counters"]
+  steps = float(np.sum(counters["steps"][1:]))
+  return float(np.sum(counters["projections"][1:])) / steps if steps else 0.0
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """One row per setting: n, seeds, mean and sample std (ddof 1) of each metric, diverged runs.
+
+  Metrics: GEM's Final / Backward / Forward and the fraction of steps projected. Diverged runs
+  (non-finite parameters) are counted and left out of the means.
+  """
+  groups: dict[tuple[float, float], list[Mapping[str, Any]]] = {}
+  for r in records:
+    s = r["sweep"]["setting"]
+    groups.setdefault((s["lr"], s["memory_strength"]), []).append(r)
+  rows = []
+  for (lr, ms), rs in sorted(groups.items()):
+    ok = [r for r in rs if r.get("diverged_at_task") is None]
+    row: dict[str, Any] = {
+      "setting": Setting(lr, ms)._asdict(),
+      "n": len(ok),
+      "seeds": sorted(r["sweep"]["seed"] for r in rs),
+      "diverged": len(rs) - len(ok),
+    }
+    values = {m: [r["gem_stats"][m] for r in ok] for m in METRICS}
+    values["projected"] = [projected_fraction(r) for r in ok]
+    for name, v in values.items():
+      a = np.asarray([x for x in v if x is not None], dtype=np.float64)
+      row[name] = {
+        "mean": float(a.mean()) if a.size else None,
+        "std": float(a.std(ddof=1)) if a.size > 1 else None,
+      }
+    rows.append(row)
+  return rows
+
+
+def format_mean_std(cell: Mapping[str, float | None], digits: int = 4) -> str:
+  """'0.6082 +- 0.0230' (or '-' when there is no value)."""
+  if cell["mean"] is None:
+    return "-"
+  std = "" if cell["std"] is None else f" +- {cell['std']:.{digits}f}"
+  return f"{cell['mean']:.{digits}f}{std}"
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
+  """The summary table: one line per setting."""
+  lines = [
+    f"# {title}",
+    "",
+    "Mean +- sample std (ddof 1) over seeds; GEM's Final / Backward / Forward (cljax.metrics); "
+    "projected: fraction of the steps of tasks 1.. that changed the gradient.",
+    "",
+    "| lr | memory_strength | n | Final | Backward | Forward | projected | diverged |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for row in rows:
+    s = row["setting"]
+    cells = [format_mean_std(row[m]) for m in (*METRICS, "projected")]
+    lines.append(
+      f"| {s['lr']:g} | {s['memory_strength']:g} | {row['n']} | " + " | ".join(cells) + f" | "
+      f"{row['diverged']} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def plot_bars(
+  labels: Sequence[str], rows: Sequence[Mapping[str, Any]], *, title: str = ""
+) -> bytes:
+  """A PNG bar chart: Final / Backward / Forward per label with +- std error bars."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  n = len(rows)
+  fig = Figure(figsize=(max(6.0, 0.9 * n + 2.5), 4.8))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  x, width = np.arange(n), 0.27
+  for k, metric in enumerate(METRICS):
+    means = [r[metric]["mean"] if r[metric]["mean"] is not None else math.nan for r in rows]
+    stds = [r[metric]["std"] or 0.0 for r in rows]
+    ax.bar(x + (k - 1) * width, means, width, yerr=stds, capsize=3, label=metric.capitalize())
+  ax.axhline(0.0, color="black", lw=0.8)
+  ax.set_xticks(x)
+  ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+  ax.set_ylabel("accuracy / transfer")
+  ax.set_title(title)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  return buffer.getvalue()
+
+
+def write_summary(
+  folder: str | os.PathLike, fp: str, *, title: str, plots: bool = True
+) -> tuple[list[dict[str, Any]], list[str]]:
+  """Summarizes the folder's valid records into summary.md / .json (/ .png); (rows, paths)."""
+  folder = os.fspath(folder)
+  rows = summarize(folder_records(folder, fp))
+  written = []
+  path = os.path.join(folder, SUMMARY_JSON)
+  write_atomic(path, dumps({"fingerprint": fp, "rows": rows}).encode())
+  written.append(path)
+  path = os.path.join(folder, SUMMARY_MD)
+  write_atomic(path, summary_markdown(rows, title).encode())
+  written.append(path)
+  if plots and rows:
+    labels = [Setting(**r["setting"]).name for r in rows]
+    path = os.path.join(folder, SUMMARY_PNG)
+    write_atomic(path, plot_bars(labels, rows, title=title))
+    written.append(path)
+  return rows, written
+
+
+def _sha256(obj: Any) -> str:
+  text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """'key: old -> new' for every differing (nested) key."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += _differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: {a} -> {b}")
+  return out

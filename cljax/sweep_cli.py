@@ -1,0 +1,322 @@
+"""Sweeps from the command line: many seeds and (lr, memory_strength) settings of one variant.
+
+    python -m cljax.sweep_cli --model gem --seeds 10 [--lr 0.01,0.03] [--memory_strength 0,10]
+
+Every flag of `python -m cljax` is accepted; --lr and --memory_strength take comma-separated
+lists (their product is the grid: traced hyper-parameters, so the grid compiles once). All runs
+are one compiled call, split across the devices (on a CPU one host device per core, --devices).
+Each run's record is written atomically as it finishes into --sweep_dir (default
+{save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
+finished records, so a killed sweep resumes. At the end: summary.md / .json / .png (mean +- std
+per setting). Exit status: 0 done, 2 bad input (one line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax import __main__ as cli
+from cljax import records, results, train
+from cljax.errors import CljaxError
+from cljax.sweep import STRATEGIES, make_sweep, stack_streams
+
+SWEPT_FLAGS = ("lr", "memory_strength")  # `train.HParams`: traced, one compile for the grid
+# Flags that fix shapes or the program: one value per sweep.
+_STATIC_FLAGS = (
+  "model",
+  "n_tasks",
+  "n_memories",
+  "n_layers",
+  "n_hiddens",
+  "batch_size",
+  "samples_per_task",
+  "log_every",
+  "replay_batch_size",
+  "eps",
+  "qp_max_iter",
+  "test_samples",
+  "eval_batch_size",
+  "seed",
+)
+
+
+def split_grid(argv: Sequence[str]) -> tuple[list[str], dict[str, list[float]]]:
+  """(argv with each swept flag's list replaced by its first value, {flag: values}).
+
+  Raises:
+    CljaxError: an empty or non-numeric list, or a list given to a flag that must be static.
+  """
+  out, grid = [], {}
+  i = 0
+  while i < len(argv):
+    token = argv[i]
+    name, value, has_inline = token[2:], None, False
+    if token.startswith("--") and "=" in token:
+      name, value = token[2:].split("=", 1)
+      has_inline = True
+    elif token.startswith("--") and i + 1 < len(argv):
+      value = argv[i + 1]
+    listed = token.startswith("--") and value is not None and "," in value
+    if listed and name in _STATIC_FLAGS:
+      what = "--seeds" if name == "seed" else f"one sweep per --{name} value"
+      raise CljaxError(
+        f"--{name} {value}: --{name} changes shapes or the compiled program, so a sweep takes "
+        f"one value (use {what}); only {', '.join('--' + f for f in SWEPT_FLAGS)} are traced "
+        "and take comma-separated lists."
+      )
+    if token.startswith("--") and name in SWEPT_FLAGS and value is not None:
+      try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+      except ValueError:
+        raise CljaxError(f"--{name} {value}: expected comma-separated numbers.") from None
+      if not values:
+        raise CljaxError(f"--{name} {value!r}: an empty grid (give at least one value).")
+      grid[name] = list(dict.fromkeys(values))
+      out += [f"--{name}", repr(values[0])]
+      i += 1 if has_inline else 2
+      continue
+    out.append(token)
+    i += 1
+  return out, grid
+
+
+def parse_seeds(text: str) -> list[int]:
+  """Seeds from --seeds: a count ("10": 0..9) or a list ("3,4,5"; "7," is seed 7 alone)."""
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise CljaxError(f"--seeds {text}: expected a count (10) or a list (0,3,7).") from None
+  if not seeds:
+    raise CljaxError(f"--seeds {text!r}: an empty sweep.")
+  if "," not in text:
+    if seeds[0] < 1:
+      raise CljaxError(f"--seeds {text}: an empty sweep (give a count >= 1 or a list).")
+    return list(range(seeds[0]))
+  if len(set(seeds)) != len(seeds):
+    raise CljaxError(f"--seeds {text}: a seed is listed twice.")
+  return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """`python -m cljax`'s flags plus the sweep's own."""
+  p = cli.build_parser()
+  p.prog = "cljax.sweep_cli"
+  p.description = __doc__.split("\n\n")[0]
+  g = p.add_argument_group("sweep flags")
+  g.add_argument(
+    "--seeds", default=None, help="a count (10: seeds 0-9) or a list (0,3,7); default: --seed"
+  )
+  g.add_argument(
+    "--sweep_dir",
+    default=None,
+    help="the sweep's folder (default {save_path}/sweeps/{variant}_{dataset}_{protocol})",
+  )
+  g.add_argument(
+    "--strategy",
+    default=None,
+    choices=STRATEGIES,
+    help="how each device runs its share: map (one after another) or vmap (all at once); "
+    "default: map on CPUs, vmap on accelerators (measured: experiments/bench_sweep.py)",
+  )
+  g.add_argument(
+    "--devices",
+    type=int,
+    default=None,
+    help="devices to split the runs across (default: all; on a CPU, one host device per core)",
+  )
+  return p
+
+
+def use_cpu_devices(n: int | None) -> None:
+  """Asks JAX for n host CPU devices (default: the cores available) before its backend starts.
+
+  Has no effect once JAX has run anything in this process (then its devices are kept) or when
+  XLA_FLAGS already sets the count.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  with contextlib.suppress(RuntimeError):  # the backend already runs: keep its devices
+    jax.config.update("jax_num_cpu_devices", max(1, n or cores or 1))
+
+
+def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> dict[str, Any]:
+  """What every record of a sweep folder shares: the config minus the swept values, the data."""
+  cfg = dataclasses.asdict(config)
+  for name in SWEPT_FLAGS:
+    cfg.pop(name)
+  digest = hashlib.sha256()
+  for a in (stream.train_x, stream.train_y, stream.test_x, stream.test_y):
+    digest.update(np.ascontiguousarray(a).tobytes())
+  return {
+    "variant": config.variant,
+    "train_config": cfg,
+    "dataset": args.dataset,
+    "protocol": args.protocol,
+    "n_tasks": args.n_tasks,
+    "samples_per_task": args.samples_per_task,
+    "test_samples": args.test_samples,
+    "data_sha256": digest.hexdigest(),
+  }
+
+
+def _title(args: argparse.Namespace) -> str:
+  what = f"{args.model} (agem_ref {args.agem_ref})" if args.model == "agem" else args.model
+  rule = ", ".join(f"{n} {getattr(args, n)}" for n in cli._RULE_FLAGS if getattr(args, n))
+  return f"{what}{' ' + rule if rule else ''} on {args.dataset} {args.protocol}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs a sweep; returns the exit status (0 done, 2 bad input or unwritable records)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    parser_argv, grid = split_grid(argv)
+    args, notes = cli.parse_args(parser_argv, build_parser())
+    if args.seeds is not None and "seed" in args.given:
+      raise CljaxError("give --seeds (a count or a list) or --seed, not both.")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    if args.devices is not None and args.devices < 1:
+      raise CljaxError(f"--devices must be >= 1, got {args.devices}.")
+    config = cli.train_config(args)
+    settings = [
+      records.Setting(lr, ms)
+      for lr, ms in itertools.product(
+        grid.get("lr", [args.lr]), grid.get("memory_strength", [args.memory_strength])
+      )
+    ]
+    for s in settings:  # each grid point must be a valid config
+      dataclasses.replace(config, lr=s.lr, memory_strength=s.memory_strength)
+  except SystemExit as e:  # --help
+    return int(e.code or 0)
+  except CljaxError as e:
+    cli._error(e)
+    return 2
+  for message in notes:
+    cli._note(message)
+  use_cpu_devices(args.devices)
+
+  try:
+    data_path, note = cli._data_path(args)
+    if note:
+      cli._note(note)
+    streams, source, directory, messages = cli._load_streams(args, data_path, seeds)
+    for message in messages:
+      print(f"{cli._PROG}: warning: {message}", file=sys.stderr)
+    train.schedule(config, streams[0])
+    base = results.run_name(
+      args.model,
+      args.dataset,
+      args.protocol,
+      0,
+      agem_ref=args.agem_ref,
+      rule={n: getattr(args, n) for n in cli._RULE_FLAGS},
+    ).rsplit("_seed", 1)[0]
+    folder = args.sweep_dir or os.path.join(args.save_path, "sweeps", base)
+    fp = records.open_folder(folder, _fixed_settings(config, args, streams[0]))
+  except CljaxError as e:
+    cli._error(e)
+    return 2
+  stream_of = dict(zip(seeds, streams, strict=True))
+  finished, to_run, problems = records.plan(folder, settings, seeds, fp)
+  for problem in problems:
+    cli._note(f"record not reused, running it again: {problem}")
+  n_all = len(settings) * len(seeds)
+  print(
+    f"sweep of {args.model}: {len(settings)} setting(s) x {len(seeds)} seed(s) = {n_all} runs "
+    f"in {folder}; {len(finished)} already recorded, {len(to_run)} to run",
+    flush=True,
+  )
+  status = 0
+  if to_run:
+    status = _run(args, config, to_run, stream_of, folder, fp, source, directory)
+  plots = not args.no_plots and results.plotting_available()
+  rows, _ = records.write_summary(folder, fp, title=_title(args), plots=plots)
+  print(records.summary_markdown(rows, _title(args)))
+  print(f"sweep folder: {folder}")
+  return status
+
+
+def _run(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
+  """Runs the missing (setting, seed) pairs in one compiled call, writing records as they end."""
+  devices = jax.devices()
+  devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
+  device = results.device_info()
+  lock, errors, done = threading.Lock(), [], [0]
+  start = [time.perf_counter()]
+
+  def on_run(i: int, result: train.RunResult) -> None:
+    setting, seed = to_run[i]
+    try:
+      settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds")}
+      settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
+      record = results.make_record(
+        result,
+        dataclasses.replace(config, lr=setting.lr, memory_strength=setting.memory_strength),
+        settings=settings,
+        timings={"finished_after": round(time.perf_counter() - start[0], 3)},
+        device=device,
+        stream={"source": source, "data_path": directory},
+      )
+      records.write_record(folder, record, setting, seed, fp)
+      stats = record["gem_stats"]
+      final = "diverged" if record["diverged_at_task"] is not None else f"{stats['final']:.4f}"
+    except Exception as e:  # reported after the call; the other runs go on
+      with lock:
+        errors.append(f"{setting.name} seed {seed}: {type(e).__name__}: {e}")
+      return
+    with lock:
+      done[0] += 1
+      print(
+        f"run {done[0]}/{len(to_run)} done: {setting.name} seed {seed}, Final {final} "
+        f"({time.perf_counter() - start[0]:.1f} s)",
+        flush=True,
+      )
+
+  seeds = [seed for _, seed in to_run]
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+  stacked = stack_streams([stream_of[seed] for seed in seeds])
+  hparams = train.HParams(
+    jnp.asarray([s.lr for s, _ in to_run], jnp.float32),
+    jnp.asarray([s.memory_strength for s, _ in to_run], jnp.float32),
+  )
+  sweep = make_sweep(config, strategy=args.strategy, devices=devices, on_run=on_run)
+  t0 = time.perf_counter()
+  try:
+    compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()
+  except CljaxError as e:
+    cli._error(e)
+    return 2
+  platform = devices[0].platform
+  print(
+    f"compiled in {time.perf_counter() - t0:.1f} s; {len(to_run)} runs on {len(devices)} "
+    f"{platform} device(s), strategy {args.strategy or 'default'}",
+    flush=True,
+  )
+  start[0] = time.perf_counter()
+  jax.block_until_ready(compiled(keys, stacked, hparams))
+  jax.effects_barrier()  # every on_run has returned
+  if errors:
+    cli._error(
+      f"{len(errors)} record(s) could not be written ({errors[0]}); the others are in {folder}"
+    )
+    return 2
+  print(f"{len(to_run)} runs in {time.perf_counter() - start[0]:.1f} s", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
