@@ -552,10 +552,12 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float]:
     )
 
   key = jax.random.key(p.args.seed)
+  hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
   t0 = time.perf_counter()
-  compiled = jax.jit(train.make_train(p.config, progress=progress)).lower(key, p.stream).compile()
+  run = jax.jit(train.make_train(p.config, progress=progress))
+  compiled = run.lower(key, p.stream, hp).compile()
   t1 = run_start[0] = time.perf_counter()
-  result = jax.device_get(jax.block_until_ready(compiled(key, p.stream)))
+  result = jax.device_get(jax.block_until_ready(compiled(key, p.stream, hp)))
   return result, t1 - t0, time.perf_counter() - t1
 
 

@@ -1,20 +1,19 @@
 """Many runs of one variant in one compiled call: seeds and hyper-parameters as a batch axis.
 
-    streams = stack_streams([tasks.make_stream(dataset, seed=s, ...) for s in seeds])
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    hp = grid_hparams(config, lr=[0.01] * len(seeds))           # (S,) leaves, traced
-    results = jax.jit(make_sweep(config, strategy="map"))(keys, streams, hp)
-    results.acc                                                 # (S, T, T)
+    hp = grid_hparams(config, len(seeds), lr=[...])             # (S,) leaves, traced
+    results = jax.jit(make_sweep(config))(keys, stack_streams(streams), hp)  # leading axis S
 
 Every run i gets keys[i], stream i and hyper-parameters i; `Config` (shapes, variant) is shared
 and static, so a grid over lr and memory_strength compiles once. Streams of different seeds
 share their base images: only the per-task indices and pixel maps are stacked.
 
-Strategies: "map" runs the runs one after another inside the compiled call (`lax.map`, optionally
-`batch_size` at a time, vmapped); "vmap" runs all at once. `experiments/bench_sweep.py` measures
-their cost per run. On a 2-core CPU (4 seeds of gem): map 1.06x a plain run per run, vmap 1.55x,
-map/2 1.72x (a batch-1 step is latency-bound and its batched kernels are slower on a CPU), so the
-default is "map" on CPUs and "vmap" on accelerators, where batching fills the device.
+The runs are split across the devices by a shard_map; each device runs its share one after
+another ("map", `lax.map`) or at once ("vmap"). On a CPU (one host device per core) a batch-1
+step is latency-bound and batched kernels are slower, so "map" is the default there and "vmap"
+on accelerators (`experiments/bench_sweep.py`). A run compiled inside this larger program may
+round differently from the run compiled alone; `cljax.sweep_cli`'s default on CPUs, worker
+processes running the plain program, is bit-identical to one-by-one runs.
 """
 
 from collections.abc import Callable, Sequence
@@ -32,15 +31,10 @@ STRATEGIES = ("map", "vmap")
 _PER_RUN_FIELDS = ("train_idx", "pix_idx", "pix_w")  # what differs between seeds' streams
 
 
-def stack_streams(streams: Sequence[TaskStream]) -> TaskStream:
-  """One TaskStream for S runs: per-run fields stacked on a leading axis, shared ones kept once.
-
-  train_idx, pix_idx and pix_w get a leading axis S. The images and labels must be the same
-  arrays (values) in every stream, e.g. streams of one dataset with different seeds and no
-  test_samples subset; anything else is refused.
-  """
+def _check_shared(streams: Sequence[TaskStream]) -> None:
+  """Streams of one sweep: same per-run shapes, the very same images and labels."""
   if not streams:
-    raise CljaxError("stack_streams needs at least one stream.")
+    raise CljaxError("a sweep needs at least one stream.")
   first = streams[0]
   for name in TaskStream._fields:
     if name in _PER_RUN_FIELDS:
@@ -55,8 +49,18 @@ def stack_streams(streams: Sequence[TaskStream]) -> TaskStream:
         f"streams differ in {name}: a sweep shares the images, so build every stream from the "
         "same dataset (and without a per-seed test_samples subset)."
       )
+
+
+def stack_streams(streams: Sequence[TaskStream]) -> TaskStream:
+  """One TaskStream for S runs: per-run fields stacked on a leading axis, shared ones kept once.
+
+  train_idx, pix_idx and pix_w get a leading axis S. The images and labels must be the same
+  arrays (values) in every stream, e.g. streams of one dataset with different seeds and no
+  test_samples subset; anything else is refused.
+  """
+  _check_shared(streams)
   stacked = {n: jnp.stack([jnp.asarray(getattr(s, n)) for s in streams]) for n in _PER_RUN_FIELDS}
-  return first._replace(**stacked)
+  return streams[0]._replace(**stacked)
 
 
 def stream_axes() -> TaskStream:
@@ -85,7 +89,7 @@ def grid_hparams(config: Config, n_runs: int, **values: Sequence[float]) -> HPar
 
 
 def default_strategy(platform: str | None = None) -> str:
-  """The measured-fastest strategy on one device of a platform (default: JAX's default backend)."""
+  """The measured-fastest strategy per device for a platform (default: JAX's default backend)."""
   platform = jax.default_backend() if platform is None else platform
   return "map" if platform == "cpu" else "vmap"
 

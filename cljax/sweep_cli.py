@@ -3,8 +3,10 @@
     python -m cljax.sweep_cli --model gem --seeds 10 [--lr 0.01,0.03] [--memory_strength 0,10]
 
 Every flag of `python -m cljax` is accepted; --lr and --memory_strength take comma-separated
-lists (their product is the grid: traced hyper-parameters, so the grid compiles once). All runs
-are one compiled call, split across the devices (on a CPU one host device per core, --devices).
+lists (their product is the grid: traced hyper-parameters, so the grid compiles once). On a CPU
+the runs go to worker processes, one per core, each running the plain compiled run (bit for bit
+`python -m cljax --seed s`); on accelerators all runs are one vmapped call split across the
+devices (--strategy map / vmap do that on a CPU too, one host device per core).
 Each run's record is written atomically as it finishes into --sweep_dir (default
 {save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
 finished records, so a killed sweep resumes. At the end: summary.md / .json / .png (mean +- std
@@ -18,7 +20,10 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import multiprocessing
 import os
+import queue
+import signal
 import sys
 import threading
 import time
@@ -128,15 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument(
     "--strategy",
     default=None,
-    choices=STRATEGIES,
-    help="how each device runs its share: map (one after another) or vmap (all at once); "
-    "default: map on CPUs, vmap on accelerators (measured: experiments/bench_sweep.py)",
+    choices=("processes", *STRATEGIES),
+    help="processes: worker processes (--workers), each run the plain compiled run, bit for bit "
+    "`python -m cljax --seed s`; map / vmap: all runs in one compiled call split across the "
+    "devices (--devices), each device running its share one after another / at once. Default: "
+    "processes on CPUs, vmap on accelerators (measured: experiments/bench_sweep.py)",
+  )
+  g.add_argument(
+    "--workers",
+    type=int,
+    default=None,
+    help="worker processes of strategy processes (default: one per core)",
   )
   g.add_argument(
     "--devices",
     type=int,
     default=None,
-    help="devices to split the runs across (default: all; on a CPU, one host device per core)",
+    help="devices of strategies map / vmap (default: all; on a CPU, one host device per core)",
   )
   return p
 
@@ -189,8 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds is not None and "seed" in args.given:
       raise CljaxError("give --seeds (a count or a list) or --seed, not both.")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    if args.devices is not None and args.devices < 1:
-      raise CljaxError(f"--devices must be >= 1, got {args.devices}.")
+    for name in ("devices", "workers"):
+      if getattr(args, name) is not None and getattr(args, name) < 1:
+        raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     config = cli.train_config(args)
     settings = [
       records.Setting(lr, ms)
@@ -207,7 +221,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   for message in notes:
     cli._note(message)
-  use_cpu_devices(args.devices)
+  args.argv = argv
+  use_cpu_devices(args.devices)  # before JAX starts (loading the data below starts it)
+  if args.strategy is None:  # processes on a CPU; without a CPU-only JAX, one vmapped call
+    args.strategy = "processes" if jax.default_backend() == "cpu" else "vmap"
 
   try:
     data_path, note = cli._data_path(args)
@@ -241,8 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flush=True,
   )
   status = 0
-  if to_run:
-    status = _run(args, config, to_run, stream_of, folder, fp, source, directory)
+  if to_run and args.strategy == "processes":
+    status = _run_processes(args, to_run, folder, fp)
+  elif to_run:
+    status = _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory)
   plots = not args.no_plots and results.plotting_available()
   rows, _ = records.write_summary(folder, fp, title=_title(args), plots=plots)
   print(records.summary_markdown(rows, _title(args)))
@@ -250,30 +269,114 @@ def main(argv: Sequence[str] | None = None) -> int:
   return status
 
 
-def _run(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
-  """Runs the missing (setting, seed) pairs in one compiled call, writing records as they end."""
+def _record(args, config, setting, seed, result, started, source, directory) -> dict[str, Any]:
+  """One run's record: `results.make_record` with the run's own seed and hyper-parameters."""
+  settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds")}
+  settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
+  return results.make_record(
+    result,
+    dataclasses.replace(config, lr=setting.lr, memory_strength=setting.memory_strength),
+    settings=settings,
+    timings={"finished_after": round(time.perf_counter() - started, 3)},
+    device=results.device_info(),
+    stream={"source": source, "data_path": directory},
+  )
+
+
+def _final(record: dict[str, Any]) -> str:
+  if record["diverged_at_task"] is not None:
+    return "diverged"
+  return f"{record['gem_stats']['final']:.4f}"
+
+
+def _worker(parser_argv, seeds, folder, fp, jobs, messages) -> None:
+  """A worker process: the plain compiled run (as `python -m cljax`) for each job it takes."""
+  _die_with_parent()
+  parent = os.getppid()
+  try:
+    args, _ = cli.parse_args(parser_argv, build_parser())
+    config = cli.train_config(args)
+    data_path, _ = cli._data_path(args)
+    streams, source, directory, _ = cli._load_streams(args, data_path, seeds)
+    stream_of = dict(zip(seeds, streams, strict=True))
+    run = jax.jit(train.make_train(config))
+    started = time.perf_counter()
+    while os.getppid() == parent and (job := jobs.get()) is not None:
+      setting, seed = job
+      hp = train.HParams(
+        jnp.asarray(setting.lr, jnp.float32), jnp.asarray(setting.memory_strength, jnp.float32)
+      )
+      result = jax.device_get(run(jax.random.key(seed), stream_of[seed], hp))
+      record = _record(args, config, setting, seed, result, started, source, directory)
+      records.write_record(folder, record, setting, seed, fp)
+      messages.put(("done", setting.name, seed, _final(record)))
+  except BaseException as e:  # reported by the parent, which stops the sweep
+    messages.put(("error", None, None, f"{type(e).__name__}: {e}"))
+
+
+def _run_processes(args, to_run, folder, fp) -> int:
+  """Runs the missing pairs in worker processes, one per core: each the plain compiled run."""
+  n_workers = min(len(to_run), args.workers or _cores())
+  print(
+    f"{len(to_run)} runs in {n_workers} worker process(es), strategy processes (each run is "
+    "the plain compiled run)",
+    flush=True,
+  )
+  ctx = multiprocessing.get_context("spawn")
+  jobs, messages = ctx.Queue(), ctx.Queue()
+  for job in to_run:
+    jobs.put(job)
+  for _ in range(n_workers):
+    jobs.put(None)
+  seeds = sorted({seed for _, seed in to_run})
+  parser_argv, _ = split_grid(args.argv)
+  workers = [
+    ctx.Process(target=_worker, args=(parser_argv, seeds, folder, fp, jobs, messages), daemon=True)
+    for _ in range(n_workers)
+  ]
+  start = time.perf_counter()
+  for w in workers:
+    w.start()
+  done = 0
+  try:
+    while done < len(to_run):
+      try:
+        kind, name, seed, what = messages.get(timeout=1.0)
+      except queue.Empty:
+        if not any(w.is_alive() for w in workers):
+          cli._error(f"the worker processes stopped after {done} of {len(to_run)} runs")
+          return 2
+        continue
+      if kind == "error":
+        cli._error(f"a worker failed ({what}); {done} run(s) recorded in {folder}")
+        return 2
+      done += 1
+      print(
+        f"run {done}/{len(to_run)} done: {name} seed {seed}, Final {what} "
+        f"({time.perf_counter() - start:.1f} s)",
+        flush=True,
+      )
+  finally:
+    for w in workers:
+      w.join(timeout=5)
+      if w.is_alive():
+        w.terminate()
+  print(f"{len(to_run)} runs in {time.perf_counter() - start:.1f} s", flush=True)
+  return 0
+
+
+def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
+  """Runs the missing pairs in one compiled call across the devices, recording each as it ends."""
   devices = jax.devices()
   devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
-  device = results.device_info()
   lock, errors, done = threading.Lock(), [], [0]
   start = [time.perf_counter()]
 
   def on_run(i: int, result: train.RunResult) -> None:
     setting, seed = to_run[i]
     try:
-      settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds")}
-      settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
-      record = results.make_record(
-        result,
-        dataclasses.replace(config, lr=setting.lr, memory_strength=setting.memory_strength),
-        settings=settings,
-        timings={"finished_after": round(time.perf_counter() - start[0], 3)},
-        device=device,
-        stream={"source": source, "data_path": directory},
-      )
+      record = _record(args, config, setting, seed, result, start[0], source, directory)
       records.write_record(folder, record, setting, seed, fp)
-      stats = record["gem_stats"]
-      final = "diverged" if record["diverged_at_task"] is not None else f"{stats['final']:.4f}"
     except Exception as e:  # reported after the call; the other runs go on
       with lock:
         errors.append(f"{setting.name} seed {seed}: {type(e).__name__}: {e}")
@@ -281,18 +384,18 @@ def _run(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
     with lock:
       done[0] += 1
       print(
-        f"run {done[0]}/{len(to_run)} done: {setting.name} seed {seed}, Final {final} "
+        f"run {done[0]}/{len(to_run)} done: {setting.name} seed {seed}, Final {_final(record)} "
         f"({time.perf_counter() - start[0]:.1f} s)",
         flush=True,
       )
 
   seeds = [seed for _, seed in to_run]
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-  stacked = stack_streams([stream_of[seed] for seed in seeds])
   hparams = train.HParams(
     jnp.asarray([s.lr for s, _ in to_run], jnp.float32),
     jnp.asarray([s.memory_strength for s, _ in to_run], jnp.float32),
   )
+  stacked = stack_streams([stream_of[seed] for seed in seeds])
   sweep = make_sweep(config, strategy=args.strategy, devices=devices, on_run=on_run)
   t0 = time.perf_counter()
   try:
@@ -300,10 +403,9 @@ def _run(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
   except CljaxError as e:
     cli._error(e)
     return 2
-  platform = devices[0].platform
   print(
     f"compiled in {time.perf_counter() - t0:.1f} s; {len(to_run)} runs on {len(devices)} "
-    f"{platform} device(s), strategy {args.strategy or 'default'}",
+    f"{devices[0].platform} device(s), strategy {args.strategy}",
     flush=True,
   )
   start[0] = time.perf_counter()
@@ -316,6 +418,18 @@ def _run(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
     return 2
   print(f"{len(to_run)} runs in {time.perf_counter() - start[0]:.1f} s", flush=True)
   return 0
+
+
+def _die_with_parent() -> None:
+  """On Linux, ask for SIGKILL when the parent dies, so a killed sweep leaves no workers behind."""
+  with contextlib.suppress(Exception):
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Sweep benchmark: the cost per run of S seeds in one compiled call, relative to one plain run.
+"""Sweep benchmark: the cost per run of S seeds, relative to one plain run, per strategy.
 
-Strategies (cljax.sweep.make_sweep): "map" (lax.map, one run after another inside the call),
-"vmap" (all at once), each on one device or split across all host devices (one per core, a
-shard_map). A plain run is jax.jit(make_train(config)) on one seed; a Python loop of plain runs
-costs S x that. Medians of --repeats calls (the plain run after a warm-up; a sweep call right
-after its compile), compile time separately; all in one process, side by side.
+Strategies: "processes" (worker processes, one per core, each running plain compiled runs:
+cljax.sweep_cli's default on CPUs), "map" (cljax.sweep.make_sweep: lax.map, one run after
+another inside one compiled call) and "vmap" (all at once in it); with a 1, in one process or on
+one device, else one per core (map and vmap: a shard_map over the host devices). A plain run is
+jax.jit(make_train(config)) on one seed. Medians of --repeats calls (the plain run and each
+process after a warm-up run; a map / vmap call right after its compile; processes: the slowest
+worker's share), compile time separately; all side by side in one invocation.
 
     python experiments/bench_sweep.py [--variant gem] [--seeds 10] [--n_tasks 10] [--out FILE]
 """
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
@@ -37,6 +40,51 @@ def timed(fn, repeats, warm=True):
   return statistics.median(times)
 
 
+def _stream(args, dataset, seed):
+  return tasks.make_stream(
+    dataset,
+    protocol="permutations",
+    n_tasks=args.n_tasks,
+    samples_per_task=args.samples_per_task,
+    seed=seed,
+  )
+
+
+def _process_worker(args, share, barrier, results) -> None:
+  """Compiles and warms the plain run, then per repeat: wait for all, run the share, report."""
+  dataset = data.load_dataset("fashion_mnist")
+  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
+  run = jax.jit(make_train(config))
+  hp = default_hparams(config)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(jax.random.key(share[0]), _stream(args, dataset, share[0]), hp))
+  results.put(time.perf_counter() - t0)
+  streams = {s: _stream(args, dataset, s) for s in share}
+  for _ in range(args.repeats):
+    barrier.wait()
+    t0 = time.perf_counter()
+    for s in share:
+      jax.block_until_ready(run(jax.random.key(s), streams[s], hp))
+    results.put(time.perf_counter() - t0)
+
+
+def time_processes(args, seeds, n) -> tuple[float, float]:
+  """(compile + first run s, median wall s of all seeds) with n worker processes."""
+  ctx = multiprocessing.get_context("spawn")
+  barrier, results = ctx.Barrier(n), ctx.Queue()
+  shares = [seeds[i::n] for i in range(n)]
+  workers = [
+    ctx.Process(target=_process_worker, args=(args, sh, barrier, results)) for sh in shares
+  ]
+  for w in workers:
+    w.start()
+  warm = max(results.get() for _ in range(n))
+  walls = [max(results.get() for _ in range(n)) for _ in range(args.repeats)]
+  for w in workers:
+    w.join()
+  return warm, statistics.median(walls)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="gem")
@@ -47,8 +95,10 @@ def main() -> None:
   parser.add_argument(
     "--strategies",
     nargs="+",
-    default=["map1", "vmap1", "map", "vmap"],
-    help="map1 / vmap1: on one device; map / vmap: split across all host devices",
+    default=["processes1", "map1", "vmap1", "processes", "map", "vmap"],
+    help="processes: worker processes running plain compiled runs (cljax.sweep_cli's CPU "
+    "default); map / vmap: make_sweep (one compiled call); with a 1: one process / device, else "
+    "one per core",
   )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
@@ -82,13 +132,17 @@ def main() -> None:
   devices = jax.devices()
   per_device = -(-len(seeds) // len(devices))
   candidates = {
+    "processes1": ("1 process (plain runs one after another)", "processes", devices[:1]),
     "map1": ("map, 1 device", "map", devices[:1]),
     "vmap1": (f"vmap ({len(seeds)}), 1 device", "vmap", devices[:1]),
+    "processes": (f"{len(devices)} processes (plain runs)", "processes", devices),
     "map": (f"map, {len(devices)} devices", "map", devices),
     "vmap": (f"vmap ({per_device} per device), {len(devices)} devices", "vmap", devices),
   }
   for name, strategy, devs in (candidates[k] for k in args.strategies):
-    if len(devs) < 2 and name.endswith("devices"):
+    if strategy == "processes":
+      rows.append((name, *time_processes(args, seeds, len(devs))))
+      print(rows[-1], flush=True)
       continue
     t0 = time.perf_counter()
     fn = jax.jit(make_sweep(config, strategy=strategy, devices=devs))

@@ -106,3 +106,31 @@ def test_bad_input(runs, small_dataset):
     make_sweep(cfg, strategy="pmap")
   with pytest.raises(CljaxError, match="2 keys but 3 streams"):
     make_sweep(cfg)(keys[:2], stacked, HParams(*(jnp.ones(2) for _ in HParams._fields)))
+
+
+@pytest.mark.parametrize("strategy", ["map", "vmap"])
+def test_on_run_reports_each_run_once_with_its_results(runs, strategy):
+  _, stacked, keys = runs
+  cfg = _config(variant="agem_new")
+  seen = {}
+  sweep = make_sweep(cfg, strategy=strategy, on_run=lambda i, r: seen.setdefault(i, r))
+  out = jax.jit(sweep)(keys, stacked, grid_hparams(cfg, len(SEEDS)))
+  jax.effects_barrier()
+  assert sorted(seen) == list(range(len(SEEDS)))
+  for i, r in seen.items():
+    assert r.params is None and isinstance(r.acc, np.ndarray)
+    np.testing.assert_array_equal(r.acc, out.acc[i])
+    np.testing.assert_array_equal(r.counters.projections, out.counters.projections[i])
+
+
+def test_an_empty_sweep_is_refused(runs):
+  _, stacked, keys = runs
+  cfg = _config()
+  empty = jax.tree.map(lambda a: a[:0], stacked)
+  hp = HParams(*(jnp.ones(0) for _ in HParams._fields))
+  with pytest.raises(CljaxError, match="at least one run"):
+    make_sweep(cfg)(
+      keys[:0],
+      stacked._replace(**{n: getattr(empty, n) for n in ("train_idx", "pix_idx", "pix_w")}),
+      hp,
+    )

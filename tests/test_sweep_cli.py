@@ -36,11 +36,11 @@ def flags(data_dir, save, *extra, n_tasks=3, samples=30):
 
 
 def sweep(argv, **kw):
-  """Runs `python -m cljax.sweep_cli argv` in a fresh process (2 host devices)."""
+  """Runs `python -m cljax.sweep_cli argv` in a fresh process (2 workers or 2 host devices)."""
   env = {**os.environ, "PYTHONPATH": ROOT}
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
-    [sys.executable, "-m", "cljax.sweep_cli", "--devices", "2", *argv],
+    [sys.executable, "-m", "cljax.sweep_cli", "--workers", "2", "--devices", "2", *argv],
     capture_output=True,
     text=True,
     env=env,
@@ -65,7 +65,7 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   argv = flags(tiny_data, tmp_path, "--seeds", "2", "--lr", "0.01,0.05", "--sweep_dir", folder)
   done = sweep(argv)
   assert done.returncode == 0, done.stderr
-  assert "4 to run" in done.stdout and "on 2 cpu device(s)" in done.stdout
+  assert "4 to run" in done.stdout and "2 worker process(es)" in done.stdout
   names = run_files(folder)
   assert names == [f"lr{lr}_ms0.5_seed{s}.json" for lr in ("0.01", "0.05") for s in (0, 1)]
   first = {n: load(folder, n) for n in names}
@@ -121,13 +121,25 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   assert len(other.stderr.strip().splitlines()) == 1
 
 
+def test_one_compiled_call_across_two_host_devices(tiny_data, tmp_path):
+  folder = str(tmp_path / "sweep")
+  argv = flags(tiny_data, tmp_path, "--seeds", "3", "--strategy", "map", "--sweep_dir", folder)
+  done = sweep(argv)
+  assert done.returncode == 0, done.stderr
+  assert "3 runs on 2 cpu device(s), strategy map" in done.stdout
+  assert run_files(folder) == [f"lr0.01_ms0.5_seed{s}.json" for s in range(3)]
+  # Its records are reused by the default strategy (the same configuration).
+  again = sweep([*argv[:-4], "--sweep_dir", folder])
+  assert "3 already recorded, 0 to run" in again.stdout
+
+
 def test_a_killed_sweep_resumes_with_the_missing_records(tiny_data, tmp_path):
   folder = str(tmp_path / "sweep")
   argv = flags(tiny_data, tmp_path, "--seeds", "8", "--sweep_dir", folder, n_tasks=5, samples=150)
   env = {**os.environ, "PYTHONPATH": ROOT}
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(
-    [sys.executable, "-m", "cljax.sweep_cli", "--devices", "1", *argv],
+    [sys.executable, "-m", "cljax.sweep_cli", "--workers", "1", *argv],
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -167,6 +179,7 @@ def test_a_killed_sweep_resumes_with_the_missing_records(tiny_data, tmp_path):
     (["--seeds", "1,1"], "listed twice"),
     (["--seeds", "2", "--seed", "4"], "not both"),
     (["--devices", "0"], "--devices must be >= 1"),
+    (["--workers", "0"], "--workers must be >= 1"),
   ],
 )
 def test_bad_input_is_one_line(tiny_data, tmp_path, capsys, extra, message):
