@@ -250,7 +250,9 @@ def report(args: argparse.Namespace) -> str:
     "",
     "Mean +- sample std (ddof 1) over seeds of GEM's printed statistics (Final = mean accuracy "
     "after the last task, Backward, Forward; `cljax.metrics.gem_stats`). projected: fraction of "
-    "the steps of tasks 1-9 that changed the gradient. Seed note: the PyTorch code's numbers for "
+    "the steps of tasks 1-9 on which the rule was applied (StepStats.projected: for the "
+    "closed forms, g changed; for the QP rows, the QP ran, which at margin 0 may return v = 0 "
+    "and leave g unchanged). Seed note: the PyTorch code's numbers for "
     "seed 3; seed 3 here: this row's seed-3 run.",
     "",
     "| row | parts (reference, trigger, projection) | is / isolates | n | Final | Backward | "
@@ -311,9 +313,10 @@ def conclusion(table: dict, n: int) -> list[str]:
     "component whenever GEM's per-task check fires, whatever the sign of <g, mean>. Fixing either "
     "part gives the paper's rule exactly (the runs agree: reference trigger "
     f"{fmt_diff(d['way2_ref - paper_mean'])}, conditional {fmt_diff(d['way2_cond - paper_mean'])} "
-    f"against agem task_mean). The per-task check fires on {proj['way2']:.0%} of the steps, so "
-    "way 2 discards helpful transfer on most steps where the paper projects on "
-    f"{proj['paper_mean']:.0%}; way 2 - paper's rule: {fmt_diff(d['way2 - paper_mean'])}. The "
+    f"against agem task_mean). The per-task check fires on {proj['way2']:.0%} of the steps and "
+    f"the paper's rule projects on {proj['paper_mean']:.0%}: on the difference, way 2 removes a "
+    "component that helped the past tasks (d); way 2 - paper's rule: "
+    f"{fmt_diff(d['way2 - paper_mean'])}. The "
     "seed note's way-2 numbers (0.6100 / -0.0781) match the paper's rule with the task-mean "
     f"reference here ({final['paper_mean']:.4f} mean over seeds), not the per-task trigger "
     f"({final['way2']:.4f}): the note's run most likely triggered on <g, mean> < 0.",
