@@ -10,7 +10,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run sweep which-agem test lint format bench-qp bench-run bench-sweep seed-variants clean
+.PHONY: setup data run sweep which-agem test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
 
 setup: $(STAMP)
 
@@ -65,6 +65,9 @@ bench-run: setup data
 
 bench-sweep: setup data
 	$(PY) experiments/bench_sweep.py $(ARGS)
+
+bench-grouped: setup
+	$(PY) experiments/bench_grouped.py --out experiments/results/bench_grouped.md $(ARGS)
 
 seed-variants: setup data
 	$(PY) experiments/seed_variants.py $(ARGS)
