@@ -15,7 +15,6 @@ differs from the current settings is refused: a sweep never mixes configurations
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cljax.errors import CljaxError
-from cljax.results import dumps, write_atomic
+from cljax.results import dumps, figure_png, write_atomic
 
 SWEEP_JSON = "sweep.json"
 RUNS_DIR = "runs"
@@ -263,9 +262,7 @@ def plot_bars(
   ax.set_title(title)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
-  return buffer.getvalue()
+  return figure_png(fig)
 
 
 def write_summary(

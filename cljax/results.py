@@ -201,7 +201,7 @@ def plot_matrix(R: Any, *, title: str = "") -> bytes:
   ax.set_ylabel("after training task i")
   ax.set_title(title or "accuracy matrix R[i, j]")
   fig.tight_layout()
-  return _png(fig)
+  return figure_png(fig)
 
 
 def plot_curves(curve: Any, curve_step: Any, baseline: Any, *, title: str = "") -> bytes:
@@ -242,7 +242,7 @@ def plot_curves(curve: Any, curve_step: Any, baseline: Any, *, title: str = "") 
   ax.set_title(title or "test accuracy of each task during training")
   ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, ncol=1 if T <= 20 else 2)
   fig.tight_layout()
-  return _png(fig)
+  return figure_png(fig)
 
 
 def write_results(
@@ -289,7 +289,8 @@ def _describe(settings: Mapping[str, Any]) -> str:
   return f"{what}, seed {settings['seed']}" if "seed" in settings else what
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+  """A matplotlib Figure as PNG bytes (100 dpi)."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=100)
   return buffer.getvalue()

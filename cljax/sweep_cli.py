@@ -162,9 +162,8 @@ def use_cpu_devices(n: int | None) -> None:
   """
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     return
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   with contextlib.suppress(RuntimeError):  # the backend already runs: keep its devices
-    jax.config.update("jax_num_cpu_devices", max(1, n or cores or 1))
+    jax.config.update("jax_num_cpu_devices", n or _cores())
 
 
 def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from cljax import records, sweep_cli
-from cljax.results import write_atomic
+from cljax.results import figure_png, write_atomic
 
 SEED_NOTE = {  # the seed note's printed results (PyTorch, seed 3): Final, Backward, Forward
   "way1": (0.4992, -0.1820, 0.0152),
@@ -372,11 +372,7 @@ def plots(args: argparse.Namespace, out_dir: str) -> None:
   ax.set_ylim(0, 1)
   ax.set_title("steps whose gradient the rule changed")
   fig.tight_layout()
-  import io
-
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100)
-  write_atomic(os.path.join(out_dir, "which_agem_projected.png"), buffer.getvalue())
+  write_atomic(os.path.join(out_dir, "which_agem_projected.png"), figure_png(fig))
 
 
 def main() -> None:

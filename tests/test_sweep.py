@@ -104,6 +104,8 @@ def test_bad_input(runs, small_dataset):
     grid_hparams(cfg, 3, lr=[0.1])
   with pytest.raises(CljaxError, match="unknown strategy 'pmap'"):
     make_sweep(cfg, strategy="pmap")
+  with pytest.raises(CljaxError, match=r"hparams.lr needs shape \(3,\)"):
+    make_sweep(cfg)(keys, stacked, HParams(jnp.ones(2), jnp.ones(3)))
   with pytest.raises(CljaxError, match="2 keys but 3 streams"):
     make_sweep(cfg)(keys[:2], stacked, HParams(*(jnp.ones(2) for _ in HParams._fields)))
 

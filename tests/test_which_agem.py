@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cljax import __main__ as cli
 from cljax import tasks
+from cljax.errors import CljaxError
 from cljax.projections import agem_project, gem_project, project_orthogonal
 from cljax.train import AGEM_RULES, Config, make_train
 
@@ -178,3 +180,23 @@ def test_sum_and_mean_rows_differ_only_through_the_margin(stream):
     m = _run(stream, variant="agem_old", reference_row="mean", memory_strength=ms, eps=0.0)
     close = np.allclose(s.params["out"]["kernel"], m.params["out"]["kernel"], rtol=1e-3, atol=1e-5)
     assert close == same
+
+
+@pytest.mark.parametrize(
+  "kw,message",
+  [
+    ({"variant": "gem", "trigger": "reference"}, "applies to the task-mean A-GEM family"),
+    ({"variant": "agem", "agem_ref": "pooled", "projection": "qp"}, "with agem_ref pooled"),
+    ({"variant": "agem_new", "projection": "sideways"}, "unknown projection 'sideways'"),
+    ({"variant": "agem_old", "reference_row": "median"}, "unknown reference_row 'median'"),
+  ],
+)
+def test_rule_overrides_refuse_what_means_nothing(kw, message):
+  with pytest.raises(CljaxError, match=message):
+    Config(**kw)
+
+
+def test_a_qp_override_makes_memory_strength_used():
+  assert "memory_strength" in cli.unused_dests("agem_new", "pooled")
+  assert "memory_strength" not in cli.unused_dests("agem_new", "pooled", "qp")
+  assert "memory_strength" in cli.unused_dests("agem_qp_mean", "pooled", "conditional")
