@@ -37,7 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.errors import CljaxError
-from cljax.groups import GROUPING_METHODS, _mlp_layers, group_sizes, make_groupings
+from cljax.groups import (
+  GROUPING_METHODS,
+  _mlp_layers,
+  group_sizes,
+  make_groupings,
+)
 from cljax.relatedness import (
   CovState,
   cov_from_buffer,
@@ -76,6 +81,10 @@ class GroupedConfig:
     bias_once: count the biases of grouped layers once (`cljax.groups.group_param_weights`);
       not used here, carried for the engine.
     cluster_iters: Lloyd iterations of the "cluster" grouping.
+    cluster_max_size: at most this many units per "cluster" group (None: 2 ceil(H/G), at most
+      H). It is the padded group size S of the statistics, so it sets the size n = S + E of the
+      covariances whose eigendecompositions every recompute takes: uncapped (H) the seed's MLP
+      would decompose 101 x 101 matrices per (task, layer, group) instead of 11 x 11.
   """
 
   num_groups: int = 20
@@ -89,6 +98,7 @@ class GroupedConfig:
   ignore_relatedness: bool = False
   bias_once: bool = False
   cluster_iters: int = 20
+  cluster_max_size: int | None = None
 
   def __post_init__(self):
     if self.grouping not in GROUPING_METHODS:
@@ -112,6 +122,15 @@ class GroupedConfig:
       raise CljaxError(
         f"cluster_iters applies only to grouping 'cluster', not {self.grouping!r}: leave it at 20."
       )
+    if self.grouping != "cluster" and self.cluster_max_size is not None:
+      raise CljaxError(
+        f"cluster_max_size applies only to grouping 'cluster', not {self.grouping!r} (whose "
+        "groups are balanced): leave it unset."
+      )
+    if self.cluster_max_size is not None and (
+      not _is_int(self.cluster_max_size) or self.cluster_max_size < 1
+    ):
+      raise CljaxError(f"cluster_max_size must be an int >= 1, got {self.cluster_max_size!r}.")
     if self.ignore_relatedness:
       for name, default in (("ewc_reverse", False), ("if_output_cov", False), ("margin", 0.0)):
         if getattr(self, name) != default:
@@ -127,10 +146,16 @@ def n_extra(config: GroupedConfig, n_classes: int) -> int:
 
 
 def max_group_size(config: GroupedConfig, n_hiddens: int) -> int:
-  """S, the padded group size: ceil(H/G) for "random" and "unit" (balanced), H for "cluster"."""
-  if config.grouping == "cluster":
-    return n_hiddens
-  return -(-n_hiddens // _num_groups(config, n_hiddens))
+  """S, the padded group size: ceil(H/G) for "random", "unit"; cluster_max_size for "cluster".
+
+  The "cluster" default is min(H, 2 ceil(H/G)).
+  """
+  balanced = -(-n_hiddens // _num_groups(config, n_hiddens))
+  if config.grouping != "cluster":
+    return balanced
+  if config.cluster_max_size is None:
+    return min(n_hiddens, 2 * balanced)
+  return config.cluster_max_size
 
 
 def _num_groups(config: GroupedConfig, n_hiddens: int) -> int:
@@ -189,6 +214,11 @@ def grouped_init(
     )
   T, L, H = n_tasks, n_layers, n_hiddens
   G = _num_groups(config, H)
+  if config.grouping == "cluster" and not -(-H // G) <= max_group_size(config, H) <= H:
+    raise CljaxError(
+      f"cluster_max_size must be in [ceil(H/G), H] = [{-(-H // G)}, {H}] (G groups of at most "
+      f"that many units must hold all H units), got {config.cluster_max_size}."
+    )
   E = n_extra(config, n_classes)
   n = max_group_size(config, H) + E
   N = config.cov_first_task_buffer
@@ -368,9 +398,9 @@ def end_task(
   """Freeze task t's statistics and set h for task t + 1 to plain GEM rows (`plain_h`).
 
   t = 0: form the groups, assignments = make_groupings(params, G, method=grouping, key=key,
-  iters=cluster_iters) (stacked (L, H)), and freeze into slot 0 the covariance of the reservoir's
-  min(buf_seen, N) examples with those groups (`cov_from_buffer`). t > 0: freeze cur_cov into slot
-  t. Then cur_cov is emptied and since = 0.
+  iters=cluster_iters, max_size=S) (stacked (L, H)), and freeze into slot 0 the covariance of the
+  reservoir's min(buf_seen, N) examples with those groups (`cov_from_buffer`). t > 0: freeze
+  cur_cov into slot t. Then cur_cov is emptied and since = 0.
 
   Args:
     state: the run's `GroupedState`.
@@ -382,7 +412,7 @@ def end_task(
   Returns:
     The new state, same shapes.
   """
-  _, L, H, G, _, _ = _sizes(state)
+  _, L, H, G, S, _ = _sizes(state)
   names = _mlp_layers(params)
   widths = [np.shape(params[n]["bias"]) for n in names[:-1]]
   if len(widths) != L or any(w != (H,) for w in widths):
@@ -392,7 +422,9 @@ def end_task(
   t = jnp.asarray(t, jnp.int32)
 
   def first_task(s: GroupedState) -> tuple[jax.Array, CovState]:
-    groups = make_groupings(params, G, method=config.grouping, key=key, iters=config.cluster_iters)
+    groups = make_groupings(
+      params, G, method=config.grouping, key=key, iters=config.cluster_iters, max_size=S
+    )
     s = s._replace(assignments=jnp.stack(groups).astype(jnp.int32), formed=jnp.ones((), bool))
     N = s.buf_act.shape[0]
     vec, _ = _vectors(s, jnp.swapaxes(s.buf_act, 0, 1), s.buf_extra)

@@ -95,7 +95,9 @@ def _sq_distances(x: jax.Array, c: jax.Array) -> jax.Array:
   return jnp.maximum(d, 0.0)
 
 
-def cluster_groups(unit_weights: jax.Array, num_groups: int, iters: int = 20) -> jax.Array:
+def cluster_groups(
+  unit_weights: jax.Array, num_groups: int, iters: int = 20, max_size: int | None = None
+) -> jax.Array:
   """Deterministic k-means of the units' weight vectors (e.g. each unit's incoming weights).
 
   Algorithm (no randomness; ties always go to the lowest index):
@@ -104,15 +106,21 @@ def cluster_groups(unit_weights: jax.Array, num_groups: int, iters: int = 20) ->
     2. `iters` Lloyd iterations: assign every unit to its nearest centre, move each centre to the
        mean of its units. A centre left with no unit is moved onto a unit far from its own
        centre: the e-th empty cluster gets the e-th farthest unit.
-    3. Final assignment to the nearest centre.
-  Squared Euclidean distances, no feature scaling. Units with identical vectors always share a
-  group, so with fewer than G distinct vectors some groups stay empty ("about" G groups); the
-  caller masks empty groups (`group_sizes`). Non-finite weights are treated as 0.
+    3. Final assignment to the nearest centre; with max_size, to the nearest centre that still
+       has room: the (unit, centre) pairs are taken in increasing distance (ties: lower unit, then
+       lower centre) and a pair is kept when its unit is unplaced and its group holds fewer than
+       max_size units. Every group then has at most max_size units, which bounds the padded
+       group size S of the relatedness statistics (`cljax.relatedness.group_vectors`).
+  Squared Euclidean distances, no feature scaling. Without max_size, units with identical vectors
+  always share a group, so with fewer than G distinct vectors some groups stay empty ("about" G
+  groups); the caller masks empty groups (`group_sizes`). Non-finite weights are treated as 0.
 
   Args:
     unit_weights: (H, d) one row per unit (`hidden_unit_weights` gives kernel column + bias).
     num_groups: G (static int, 1 <= G <= H).
     iters: number of Lloyd iterations (static int >= 0).
+    max_size: optional cap on a group's units (static int, ceil(H / G) <= max_size <= H); None:
+      no cap.
 
   Returns:
     (H,) int32 assignment.
@@ -123,6 +131,7 @@ def cluster_groups(unit_weights: jax.Array, num_groups: int, iters: int = 20) ->
   _check_counts(x.shape[0], num_groups)
   if not _is_int(iters) or iters < 0:
     raise CljaxError(f"iters must be an int >= 0, got {iters!r}.")
+  check_max_size(max_size, x.shape[0], num_groups)
   x = x.astype(jnp.result_type(x, jnp.float32))
   x = jnp.where(jnp.isfinite(x), x, 0.0)
   n = x.shape[0]
@@ -153,7 +162,39 @@ def cluster_groups(unit_weights: jax.Array, num_groups: int, iters: int = 20) ->
     return jnp.where(empty[:, None], x[far[rank]], means)
 
   centres = jax.lax.fori_loop(0, iters, lloyd, centres)
-  return jnp.argmin(_sq_distances(x, centres), axis=1).astype(jnp.int32)
+  d = _sq_distances(x, centres)
+  if max_size is None or max_size >= n:
+    return jnp.argmin(d, axis=1).astype(jnp.int32)
+  return _capped_assignment(d, max_size)
+
+
+def check_max_size(max_size: object, n_units: int, num_groups: int) -> None:
+  """Refuse a group-size cap that is not an int in [ceil(H / G), H] (None: no cap)."""
+  if max_size is None:
+    return
+  least = -(-n_units // num_groups)
+  if not _is_int(max_size) or not least <= max_size <= n_units:
+    raise CljaxError(
+      f"max_size must be an int in [ceil(H / G), H] = [{least}, {n_units}] (G groups must hold "
+      f"all {n_units} units), got {max_size!r}."
+    )
+
+
+def _capped_assignment(d: jax.Array, max_size: int) -> jax.Array:
+  """Greedy nearest-centre assignment with at most max_size units per group; d (H, G)."""
+  n, num_groups = d.shape
+  order = jnp.argsort(d.reshape(-1), stable=True)  # row-major: ties go to lower unit, centre
+
+  def place(i, state):
+    assign, counts = state
+    unit, group = order[i] // num_groups, order[i] % num_groups
+    ok = (assign[unit] < 0) & (counts[group] < max_size)
+    assign = assign.at[unit].set(jnp.where(ok, group, assign[unit]))
+    return assign, counts.at[group].add(ok.astype(counts.dtype))
+
+  start = (jnp.full((n,), -1, jnp.int32), jnp.zeros((num_groups,), jnp.int32))
+  assign, _ = jax.lax.fori_loop(0, n * num_groups, place, start)
+  return assign
 
 
 def group_sizes(assignment: jax.Array, num_groups: int) -> jax.Array:
@@ -247,12 +288,13 @@ def make_groupings(
   method: str = "cluster",
   key: jax.Array | None = None,
   iters: int = 20,
+  max_size: int | None = None,
 ) -> list[jax.Array]:
   """One assignment per hidden layer of an MLP (after task 0).
 
   method: "random" (`random_groups`, one key per layer split from key), "unit" (`unit_groups`;
   num_groups must then be the widest layer's size, so h is (L, G)), or "cluster" (`cluster_groups`
-  of `hidden_unit_weights`).
+  of `hidden_unit_weights`, iters Lloyd iterations, at most max_size units per group).
   """
   names = _mlp_layers(params)
   widths = [int(np.shape(params[n]["bias"])[0]) for n in names[:-1]]
@@ -270,7 +312,7 @@ def make_groupings(
       raise CljaxError("method='random' needs a PRNG key.")
     keys = jax.random.split(key, len(widths))
     return [random_groups(k, w, num_groups) for k, w in zip(keys, widths, strict=True)]
-  return [cluster_groups(u, num_groups, iters) for u in hidden_unit_weights(params)]
+  return [cluster_groups(u, num_groups, iters, max_size) for u in hidden_unit_weights(params)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,12 +116,17 @@ def von_neumann_divergence(
   if A.shape[-1] != B.shape[-1]:
     raise CljaxError(f"A and B must have the same size n: got {A.shape} and {B.shape}.")
   dtype = _float_dtype(A, B)
-  A, B = A.astype(dtype), B.astype(dtype)
+  try:
+    lead = jnp.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+  except ValueError:
+    raise CljaxError(f"leading axes of A {A.shape} and B {B.shape} do not broadcast.") from None
+  n = A.shape[-1]
+  A = jnp.broadcast_to(A.astype(dtype), (*lead, n, n))
+  B = jnp.broadcast_to(B.astype(dtype), (*lead, n, n))
   floor = _floor_value(floor, dtype)
   finite_a, finite_b = _all_finite(A), _all_finite(B)
-  a, U = _eig(A, finite_a, floor)
-  b, V = _eig(B, finite_b, floor)
-  d_ab, _ = _divergences(a, U, b, V)
+  lam, U = _eig(jnp.stack([A, B]), jnp.stack([finite_a, finite_b]), floor)  # one eigh call
+  d_ab, _ = _divergences(lam[0], U[0], lam[1], U[1])
   return jnp.where(finite_a & finite_b, d_ab, jnp.nan)
 
 
@@ -198,17 +203,18 @@ def relatedness_divergence(
 
   C1, C2 = _pad_identity(C1, mask), _pad_identity(C2, mask)
   finite = _all_finite(C1) & _all_finite(C2)
-  s = n - n_extra
-
-  def symmetric(P, Q):
-    ok = _all_finite(P) & _all_finite(Q)
-    p, U = _eig(P, ok, floor)
-    q, V = _eig(Q, ok, floor)
-    d_pq, d_qp = _divergences(p, U, q, V)
-    return d_pq + d_qp
-
-  j_xy = symmetric(C1, C2)
-  j_x = symmetric(C1[..., :s, :s], C2[..., :s, :s]) if s > 0 else jnp.zeros(lead, dtype)
+  # Cx as an n x n matrix: the extra rows and columns replaced by the identity's, which adds 0 to
+  # every divergence (as padding does). All four matrices then go through ONE batched eigh: XLA's
+  # CPU runtime may run independent LAPACK eigh calls concurrently, and each blocks a thread of the
+  # intra-op pool while waiting for its batch's sub-tasks on that same pool: with as many
+  # concurrent calls as threads (2 on a 2-core machine) the run deadlocks.
+  x_mask = mask & (jnp.arange(n) < n - n_extra)
+  X1, X2 = _pad_identity(C1, x_mask), _pad_identity(C2, x_mask)
+  ok = jnp.broadcast_to(finite, (4, *lead))
+  lam, U = _eig(jnp.stack([C1, C2, X1, X2]), ok, floor)
+  d12, d21 = _divergences(lam[0], U[0], lam[1], U[1])
+  x12, x21 = _divergences(lam[2], U[2], lam[3], U[3])
+  j_xy, j_x = d12 + d21, x12 + x21
   r = jnp.maximum(0.5 * (j_xy - j_x), 0.0)
   r = jnp.where(finite & ~jnp.isnan(r), r, 0.0)
   return jnp.minimum(r, jnp.finfo(dtype).max)
@@ -470,21 +476,21 @@ def transform_relatedness(
   With K_l the valid groups of layer l (`group_mask`, default all) and P the past tasks (t = |P|):
 
     y[i, l, k] = w[i, l, k] - mean_{k' in K_l} w[i, l, k']    (sub_mean; else y = w)
-    y <- y + margin
-    y <- 0                                                    (ignore)
-    h[i, l, k] = y[i, l, k] - mean_{i' in P} y[i', l, k] + 1  for i in P and k in K_l; else 0
+    y <- 0, margin <- 0                                       (ignore)
+    h[i, l, k] = y[i, l, k] - mean_{i' in P} y[i', l, k] + 1 + margin
+                                                      for i in P and k in K_l; else 0
 
-  so every valid (layer, group) column of h has mean 1 over the past tasks. The re-centring is
-  additive, so `margin` cancels exactly (kept for fidelity with the research code's options), and
-  ignore gives h = 1 on every past task and valid group (plain GEM rows with bias_once). When the
-  weights sum to 1 over P (`relatedness_weights`), the mean over P of y is margin, so
-  h = w - mean_k w + 1 (sub_mean) or h = w - 1/t + 1.
+  so every valid (layer, group) column of h has mean 1 + margin over the past tasks. The margin
+  is added after the re-centring, as the research code adds it to its transformed relatedness
+  (added before, it would cancel). ignore gives h = 1 on every past task and valid group (plain
+  GEM rows with bias_once). When the weights sum to 1 over P (`relatedness_weights`),
+  h = w - mean_k w + 1 + margin (sub_mean) or h = w - 1/t + 1 + margin.
 
   Args:
     weights: (T, L, G) relatedness weights.
     past: (T,) bool past-task mask.
     sub_mean: subtract each (task, layer)'s mean over the valid groups (static bool).
-    margin: added before the re-centring (float, may be traced).
+    margin: added after the re-centring (float, may be traced).
     ignore: zero the weights, h = 1 (static bool).
     group_mask: optional (L, G) bool, False for empty groups (excluded from the means, h = 0).
 
@@ -504,10 +510,9 @@ def transform_relatedness(
   if sub_mean:
     n_valid = jnp.sum(valid, axis=-1, keepdims=True)
     y = y - jnp.sum(y, axis=-1, keepdims=True) / jnp.maximum(n_valid, 1)
-  y = y + margin
   if ignore:
-    y = jnp.zeros_like(y)
+    y, margin = jnp.zeros_like(y), 0.0
   p = past[:, None, None]
   t = jnp.sum(past)
   col_mean = jnp.sum(jnp.where(p, y, 0.0), axis=0) / jnp.maximum(t, 1)
-  return jnp.where(p & valid, y - col_mean + 1.0, 0.0)
+  return jnp.where(p & valid, y - col_mean + 1.0 + margin, 0.0)

@@ -14,9 +14,10 @@ from cljax.grouped_state import (
   extra_vector,
   grouped_init,
   hidden_activations,
+  max_group_size,
   observe,
 )
-from cljax.groups import make_groupings
+from cljax.groups import group_sizes, make_groupings
 from cljax.models import make_mlp
 from cljax.relatedness import (
   relatedness_divergence,
@@ -25,6 +26,7 @@ from cljax.relatedness import (
 )
 
 T, L, H, G, C, D = 3, 2, 6, 3, 4, 5  # tasks, hidden layers, units, groups, classes, inputs
+S_CLUSTER = 4  # the default cap of a cluster group, min(H, 2 ceil(H / G))
 STEPS, B, EVERY, N = 5, 2, 2, 12  # steps per task, batch, cov_recompute_every, reservoir
 CFG = GroupedConfig(num_groups=G, cov_first_task_buffer=N, cov_recompute_every=EVERY)
 MODEL = make_mlp(H, L, C, n_inputs=D)
@@ -105,7 +107,7 @@ def np_group_vectors(acts, extra, assign, S):
   return out
 
 
-def np_task_cov(x, y, assignments, S=H, output=False):
+def np_task_cov(x, y, assignments, S=S_CLUSTER, output=False):
   """(L, G, n, n) population covariances of one task's group vectors; x (M, D), y (M,)."""
   acts, logits = np_forward(PARAMS, x.astype(np.float64))
   extra = logits if output else y[:, None].astype(np.float64)
@@ -117,7 +119,7 @@ def np_task_cov(x, y, assignments, S=H, output=False):
   )
 
 
-def divergence_mask(assignments, S=H, E=1):
+def divergence_mask(assignments, S=S_CLUSTER, E=1):
   sizes = np.stack([np.bincount(a, minlength=G) for a in assignments])  # (L, G)
   return np.concatenate([np.arange(S) < sizes[..., None], np.ones((L, G, E), bool)], -1)
 
@@ -143,8 +145,11 @@ def test_run_compiles_once_keeps_shapes_and_gives_finite_h():
 
 def test_groups_are_make_groupings_of_the_params():
   _, _, state, _, _ = fake_run(CFG)
-  want = np.stack(make_groupings(PARAMS, G, method="cluster"))
+  S = max_group_size(CFG, H)
+  want = np.stack(make_groupings(PARAMS, G, method="cluster", max_size=S))
   np.testing.assert_array_equal(state.assignments, want)
+  assert S_CLUSTER == S
+  assert max(int(np.max(group_sizes(a, G))) for a in want) <= S
 
 
 def test_reservoir_holds_task0_examples_in_order():
@@ -276,6 +281,8 @@ def test_hidden_activations_match_the_flax_model():
     ({"ewc_reverse": 1}, "ewc_reverse must be a bool"),
     ({"margin": float("nan")}, "margin must be finite"),
     ({"grouping": "random", "cluster_iters": 5}, "cluster_iters applies only"),
+    ({"grouping": "unit", "cluster_max_size": 5}, "cluster_max_size applies only"),
+    ({"cluster_max_size": 0}, "cluster_max_size must be an int >= 1"),
     ({"ignore_relatedness": True, "ewc_reverse": True}, "ewc_reverse has no effect"),
     ({"ignore_relatedness": True, "if_output_cov": True}, "if_output_cov has no effect"),
   ],
@@ -291,6 +298,8 @@ def test_bad_configs(kwargs, match):
   [
     (GroupedConfig(num_groups=3, grouping="unit"), "grouping 'unit' sets the group count"),
     (GroupedConfig(num_groups=7), "num_groups \\(7\\) exceeds n_hiddens \\(6\\)"),
+    (GroupedConfig(num_groups=3, cluster_max_size=1), r"cluster_max_size must be in .* = \[2, 6\]"),
+    (GroupedConfig(num_groups=3, cluster_max_size=7), r"cluster_max_size must be in .* = \[2, 6\]"),
   ],
 )
 def test_bad_sizes(cfg, match):

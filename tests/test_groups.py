@@ -109,9 +109,43 @@ def test_cluster_groups_cover_all_units_and_handle_degenerate_input():
   assert a.min() >= 0 and a.max() < 3
 
 
+def capped_numpy(d, cap):
+  """Reference: (unit, centre) pairs by increasing distance, kept while the unit is unplaced and
+  the group has room (ties: lower unit, then lower centre)."""
+  n, g = d.shape
+  assign, counts = -np.ones(n, int), np.zeros(g, int)
+  for flat in sorted(range(n * g), key=lambda f: (d.reshape(-1)[f], f)):
+    unit, group = divmod(flat, g)
+    if assign[unit] < 0 and counts[group] < cap:
+      assign[unit] = group
+      counts[group] += 1
+  return assign
+
+
+def test_cluster_groups_cap_bounds_group_sizes_and_matches_greedy_reference():
+  rng = np.random.default_rng(3)
+  centres = rng.standard_normal((3, 6)) * 10
+  truth = np.repeat(np.arange(3), [10, 4, 4])  # one cluster of 10 units
+  x = (centres[truth] + 0.1 * rng.standard_normal((18, 6))).astype(np.float32)
+  free = np.asarray(cluster_groups(x, 3, 10))
+  assert same_partition(free, truth)  # without a cap: the big cluster stays whole
+  capped = np.asarray(jax.jit(cluster_groups, static_argnums=(1, 2, 3))(x, 3, 10, 6))
+  assert np.asarray(group_sizes(capped, 3)).max() <= 6
+  assert np.sum(group_sizes(capped, 3)) == 18
+  # the same centres, the greedy rule in numpy (final Lloyd centres = cluster means here)
+  means = np.stack([x[free == k].mean(0) for k in range(3)])
+  d = ((x[:, None, :] - means[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(capped, capped_numpy(d, 6))
+  # a cap >= every cluster's size changes nothing
+  np.testing.assert_array_equal(cluster_groups(x, 3, 10, max_size=10), free)
+
+
 @pytest.mark.parametrize(
   ("call", "match"),
   [
+    (lambda: cluster_groups(np.zeros((10, 2)), 3, max_size=3), r"\[4, 10\]"),
+    (lambda: cluster_groups(np.zeros((10, 2)), 3, max_size=11), "max_size"),
+    (lambda: cluster_groups(np.zeros((10, 2)), 3, max_size=4.0), "max_size"),
     (lambda: random_groups(jax.random.key(0), 4, 5), "exceeds"),
     (lambda: random_groups(jax.random.key(0), 4, 0), "num_groups must be an int >= 1"),
     (lambda: random_groups(jax.random.key(0), 0, 1), "n_units"),

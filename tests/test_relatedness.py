@@ -405,15 +405,14 @@ def transform_numpy(w, past, sub_mean, margin, ignore, group_mask):
     ks = [k for k in range(G) if group_mask[li, k]]
     if sub_mean and ks:
       y[i, li] = y[i, li] - np.mean(y[i, li, ks])
-  y = y + margin
   if ignore:
-    y = np.zeros_like(y)
+    y, margin = np.zeros_like(y), 0.0
   idx = np.flatnonzero(past)
   for li, k in itertools.product(range(L), range(G)):
     if not group_mask[li, k] or len(idx) == 0:
       continue
     col = y[idx, li, k]
-    h[idx, li, k] = col - col.mean() + 1.0
+    h[idx, li, k] = col - col.mean() + 1.0 + margin
   return h
 
 
@@ -441,8 +440,9 @@ def test_transform_relatedness_matches_numpy_formula(sub_mean, margin, ignore, m
   h = f(w, past, margin, group_mask)
   want = transform_numpy(w, past, sub_mean, margin, ignore, group_mask)
   np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-6)
-  # every valid column has mean 1 over the past tasks
-  np.testing.assert_allclose(np.asarray(h)[past].mean(0)[group_mask], 1.0, rtol=1e-5)
+  # every valid column has mean 1 + margin over the past tasks
+  shift = 0.0 if ignore else margin
+  np.testing.assert_allclose(np.asarray(h)[past].mean(0)[group_mask], 1.0 + shift, rtol=1e-5)
   if ignore:
     np.testing.assert_array_equal(np.asarray(h)[past][:, group_mask], 1.0)
 
@@ -452,7 +452,7 @@ def test_transform_relatedness_closed_form_and_no_past():
   past = np.array([True, True, True, False])
   w = np.asarray(relatedness_weights(rng.random((4, 1, 3)), past))
   h = transform_relatedness(w, past, sub_mean=False, margin=2.0)
-  np.testing.assert_allclose(np.asarray(h)[:3], w[:3] - 1 / 3 + 1, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(h)[:3], w[:3] - 1 / 3 + 1 + 2.0, rtol=1e-5)
   h = transform_relatedness(w, past)
   np.testing.assert_allclose(
     np.asarray(h)[:3], w[:3] - w[:3].mean(-1, keepdims=True) + 1, rtol=1e-5
