@@ -15,6 +15,7 @@ import numpy as np
 
 from cljax import data, models, results, tasks, train
 from cljax.errors import CljaxError
+from cljax.grouped_state import GroupedConfig
 
 _PROG = "cljax"
 _HELP_HINT = "see `python -m cljax --help`"
@@ -48,15 +49,25 @@ SEED_ONLY_FLAGS = (
   "forgetting_task_ids",
   "forgetting_resee_size",
   "sign_attacked",
-  "num_groups",
-  "cov_recompute_every",
-  "create_random_groups",
-  "divergence",
-  "if_output_cov",
-  "cov_first_task_buffer",
-  "ewc_reverse",
-  "create_group_per_unit",
 )
+
+# The grouped variants' flags: the seed's (its command line) and cljax's, with their defaults.
+GROUPED_FLAGS = {
+  "num_groups": 20,
+  "cov_recompute_every": 20,
+  "create_random_groups": False,
+  "create_group_per_unit": False,
+  "divergence": "von_Neumann",
+  "if_output_cov": False,
+  "cov_first_task_buffer": 100,
+  "ewc_reverse": False,
+  "gem_sub_mean": True,
+  "gem_ignore_relatedness": False,
+  "bias_once": False,
+  "relatedness_margin": 0.0,
+  "cluster_iters": 20,
+  "cluster_max_size": None,
+}
 
 _RULE_FLAGS = ("reference_row", "trigger", "projection")  # train.Config's A-GEM rule overrides
 
@@ -214,18 +225,36 @@ def build_parser() -> argparse.ArgumentParser:
     "forgetting_task_ids": _int_list,
     "forgetting_resee_size": int,
     "sign_attacked": float,
-    "num_groups": int,
-    "cov_recompute_every": int,
-    "create_random_groups": _boolean,
-    "divergence": str,
-    "if_output_cov": _boolean,
-    "cov_first_task_buffer": int,
-    "ewc_reverse": _boolean,
-    "create_group_per_unit": _boolean,
   }
   for name in SEED_ONLY_FLAGS:
     metavar = "{True,False}" if types[name] is _boolean else None
     add(unused, f"--{name}", type=types[name], default=None, metavar=metavar, help="unused")
+
+  grouped = p.add_argument_group(
+    f"Grouped GEM ({', '.join(train.GROUPED_VARIANTS)}): the seed's flags, then cljax's"
+  )
+  helps = {
+    "num_groups": "groups of hidden units per layer, formed after task 0 (with "
+    "--create_group_per_unit: n_hiddens)",
+    "cov_recompute_every": "recompute the task relatedness every this many steps of a task",
+    "create_random_groups": "random balanced groups (default: clusters of similar units)",
+    "create_group_per_unit": "one unit per group",
+    "divergence": "the divergence between tasks' covariances (only von_Neumann)",
+    "if_output_cov": "covariances with the network's outputs instead of the label",
+    "cov_first_task_buffer": "task 0's examples kept (reservoir) for its covariance",
+    "ewc_reverse": "weigh the most different past tasks most (softmax of +divergence)",
+    "gem_sub_mean": "subtract each task and layer's mean weight over its groups",
+    "gem_ignore_relatedness": "multipliers h = 1: the rows of plain GEM",
+    "bias_once": "count each next layer's bias once, not once per group (the research code)",
+    "relatedness_margin": "added to every multiplier h after its re-centring to mean 1",
+    "cluster_iters": "Lloyd iterations of the clustering",
+    "cluster_max_size": "at most this many units per cluster group (default 2 ceil(H/G))",
+  }
+  for name, default in GROUPED_FLAGS.items():
+    kind = type(default) if default is not None else int
+    kind = {bool: _boolean}.get(kind, kind)
+    metavar = "{True,False}" if kind is _boolean else None
+    add(grouped, f"--{name}", type=kind, default=default, metavar=metavar, help=helps[name])
 
   own = p.add_argument_group("cljax's flags")
   add(
@@ -346,7 +375,7 @@ def data_file_settings(data_file: str) -> tuple[str, str]:
 
 
 def uses_qp(variant: str, projection: str | None = None) -> bool:
-  """Whether a run solves GEM's QP (reads memory_strength, eps and qp_max_iter)."""
+  """Whether a run solves GEM's QP with margin memory_strength (reads it, eps, qp_max_iter)."""
   if variant == "gem":
     return True
   preset = train.AGEM_RULES.get(variant)
@@ -360,6 +389,12 @@ def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> 
     unused.update(("n_memories", "memory_grads"))
   if not uses_qp(variant, projection):
     unused.update(("memory_strength", "eps", "qp_max_iter"))
+  if variant in train.GROUPED_VARIANTS:
+    unused.add("memory_strength")  # margin 0, or the averaged h (agem_qp_grouped)
+    if variant == "agem_grouped":
+      unused.update(("eps", "qp_max_iter"))
+  else:
+    unused.update(GROUPED_FLAGS)
   if variant != "agem":
     unused.add("agem_ref")
   if not (variant == "agem" and agem_ref == "pooled"):
@@ -417,6 +452,69 @@ def parse_args(
   return args, notes
 
 
+def grouped_config(args: argparse.Namespace) -> GroupedConfig:
+  """The grouped variants' `GroupedConfig` from the flags (the default one for other variants)."""
+  if args.model not in train.GROUPED_VARIANTS:
+    return GroupedConfig()
+  if args.divergence != "von_Neumann":
+    raise CljaxError(f"--divergence {args.divergence} is not implemented: only von_Neumann.")
+  if args.create_random_groups and args.create_group_per_unit:
+    raise CljaxError(
+      "--create_random_groups True and --create_group_per_unit True contradict each other: "
+      "choose one (neither: clusters of similar units)."
+    )
+  num_groups = args.num_groups
+  if args.create_group_per_unit:
+    grouping = "unit"
+    if "num_groups" not in args.given:
+      num_groups = args.n_hiddens
+    elif num_groups != args.n_hiddens:
+      raise CljaxError(
+        f"--create_group_per_unit True makes n_hiddens ({args.n_hiddens}) groups: drop "
+        f"--num_groups {num_groups} or set it to {args.n_hiddens}."
+      )
+  else:
+    grouping = "random" if args.create_random_groups else "cluster"
+  for name in ("cluster_iters", "cluster_max_size"):
+    if grouping != "cluster" and name in args.given:
+      raise CljaxError(f"--{name} applies to clustered groups, not to {grouping} groups.")
+  if args.gem_ignore_relatedness:
+    for name in ("if_output_cov", "ewc_reverse", "relatedness_margin"):
+      if name in args.given and getattr(args, name) != GROUPED_FLAGS[name]:
+        raise CljaxError(
+          f"--gem_ignore_relatedness True sets every multiplier h to 1: --{name} "
+          f"{getattr(args, name)} would have no effect; drop one of them."
+        )
+  return GroupedConfig(
+    num_groups=num_groups,
+    grouping=grouping,
+    cov_first_task_buffer=args.cov_first_task_buffer,
+    cov_recompute_every=args.cov_recompute_every,
+    if_output_cov=args.if_output_cov,
+    ewc_reverse=args.ewc_reverse,
+    sub_mean=args.gem_sub_mean,
+    margin=args.relatedness_margin,
+    ignore_relatedness=args.gem_ignore_relatedness,
+    bias_once=args.bias_once,
+    cluster_iters=args.cluster_iters,
+    cluster_max_size=args.cluster_max_size,
+  )
+
+
+def name_parts(args: argparse.Namespace) -> dict[str, Any]:
+  """The settings that name a run besides its variant (`results.run_name`'s rule).
+
+  The A-GEM rule overrides (None when not set) and, for the grouped variants, the grouped flags
+  given with a value other than their default.
+  """
+  parts = {name: getattr(args, name) for name in _RULE_FLAGS}
+  if args.model in train.GROUPED_VARIANTS:
+    for name, default in GROUPED_FLAGS.items():
+      if name in args.given and getattr(args, name) != default:
+        parts[name] = getattr(args, name)
+  return parts
+
+
 def train_config(args: argparse.Namespace) -> train.Config:
   """The engine's `Config` from parsed arguments (raises CljaxError on bad values)."""
   return train.Config(
@@ -436,6 +534,7 @@ def train_config(args: argparse.Namespace) -> train.Config:
     qp_max_iter=args.qp_max_iter,
     memory_grads=args.memory_grads,
     **{name: getattr(args, name) for name in _RULE_FLAGS},
+    grouped=grouped_config(args),
   )
 
 
@@ -524,7 +623,7 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     args.protocol,
     args.seed,
     agem_ref=args.agem_ref,
-    rule={name: getattr(args, name) for name in _RULE_FLAGS},
+    rule=name_parts(args),
   )
   data_path, note = _data_path(args)
   if note:

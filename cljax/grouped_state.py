@@ -179,6 +179,26 @@ class GroupedState(NamedTuple):
   h: jax.Array  # (T, L, G) float32 current multipliers of the grouped rows
 
 
+def check_sizes(config: GroupedConfig, n_hiddens: int) -> None:
+  """Refuse settings that do not fit hidden layers of n_hiddens units, in one line each."""
+  if config.grouping == "unit" and config.num_groups != n_hiddens:
+    raise CljaxError(
+      f"grouping 'unit' sets the group count to n_hiddens ({n_hiddens}): set num_groups = "
+      f"{n_hiddens}, got {config.num_groups}."
+    )
+  if config.num_groups > n_hiddens:
+    raise CljaxError(
+      f"num_groups ({config.num_groups}) exceeds n_hiddens ({n_hiddens}): every group needs a "
+      f"unit; use num_groups <= {n_hiddens}."
+    )
+  least = -(-n_hiddens // _num_groups(config, n_hiddens))
+  if config.grouping == "cluster" and not least <= max_group_size(config, n_hiddens) <= n_hiddens:
+    raise CljaxError(
+      f"cluster_max_size must be in [ceil(H/G), H] = [{least}, {n_hiddens}] (G groups of at most "
+      f"that many units must hold all H units), got {config.cluster_max_size}."
+    )
+
+
 def grouped_init(
   config: GroupedConfig, n_tasks: int, n_hiddens: int, n_layers: int, n_classes: int
 ) -> GroupedState:
@@ -202,23 +222,9 @@ def grouped_init(
   ):
     if not _is_int(v) or v < 1:
       raise CljaxError(f"{name} must be an int >= 1, got {v!r}.")
-  if config.grouping == "unit" and config.num_groups != n_hiddens:
-    raise CljaxError(
-      f"grouping 'unit' sets the group count to n_hiddens ({n_hiddens}): set num_groups = "
-      f"{n_hiddens}, got {config.num_groups}."
-    )
-  if config.num_groups > n_hiddens:
-    raise CljaxError(
-      f"num_groups ({config.num_groups}) exceeds n_hiddens ({n_hiddens}): every group needs a "
-      f"unit; use num_groups <= {n_hiddens}."
-    )
+  check_sizes(config, n_hiddens)
   T, L, H = n_tasks, n_layers, n_hiddens
   G = _num_groups(config, H)
-  if config.grouping == "cluster" and not -(-H // G) <= max_group_size(config, H) <= H:
-    raise CljaxError(
-      f"cluster_max_size must be in [ceil(H/G), H] = [{-(-H // G)}, {H}] (G groups of at most "
-      f"that many units must hold all H units), got {config.cluster_max_size}."
-    )
   E = n_extra(config, n_classes)
   n = max_group_size(config, H) + E
   N = config.cov_first_task_buffer

@@ -34,13 +34,14 @@ def run_name(
   seed: int,
   *,
   agem_ref: str | None = None,
-  rule: Mapping[str, str | None] | None = None,
+  rule: Mapping[str, Any] | None = None,
 ) -> str:
   """The results folder's name: "{variant}_{dataset}_{protocol}_seed{seed}".
 
   For variant "agem" the reference gradient is part of the name ("agem_pooled_..."), since the
-  two references are different methods; so are the A-GEM rule overrides that are set (`rule`,
-  e.g. {"trigger": "reference"} -> "agem_new-trigger-reference_...").
+  two references are different methods; so are the settings in `rule` that are not None (the A-GEM
+  rule overrides, the grouped variants' non-default flags), e.g. {"trigger": "reference"} ->
+  "agem_new-trigger-reference_...".
   """
   head = f"{variant}_{agem_ref}" if variant == "agem" and agem_ref else variant
   head += "".join(f"-{k}-{v}" for k, v in (rule or {}).items() if v is not None)

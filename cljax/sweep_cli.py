@@ -188,7 +188,7 @@ def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> d
 
 def _title(args: argparse.Namespace) -> str:
   what = f"{args.model} (agem_ref {args.agem_ref})" if args.model == "agem" else args.model
-  rule = ", ".join(f"{n} {getattr(args, n)}" for n in cli._RULE_FLAGS if getattr(args, n))
+  rule = ", ".join(f"{n} {v}" for n, v in cli.name_parts(args).items() if v is not None)
   return f"{what}{' ' + rule if rule else ''} on {args.dataset} {args.protocol}"
 
 
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       args.protocol,
       0,
       agem_ref=args.agem_ref,
-      rule={n: getattr(args, n) for n in cli._RULE_FLAGS},
+      rule=cli.name_parts(args),
     ).rsplit("_seed", 1)[0]
     folder = args.sweep_dir or os.path.join(args.save_path, "sweeps", base)
     fp = records.open_folder(folder, _fixed_settings(config, args, streams[0]))

@@ -29,6 +29,17 @@ import optax
 from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.example_grads import example_grads, gram, weighted_grad
+from cljax.grouped_rows import example_scales, grouped_row_sum, grouped_terms
+from cljax.grouped_state import (
+  GroupedConfig,
+  check_sizes,
+  end_task,
+  extra_vector,
+  group_mask,
+  grouped_init,
+  hidden_activations,
+  observe,
+)
 from cljax.models import make_mlp
 from cljax.projections import (
   agem_project,
@@ -38,7 +49,8 @@ from cljax.projections import (
   tree_vdot,
 )
 
-VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean")
+GROUPED_VARIANTS = ("gem_grouped", "agem_grouped", "agem_qp_grouped")
+VARIANTS = ("single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean", *GROUPED_VARIANTS)
 AGEM_REFS = ("pooled", "task_mean")
 MEMORY_GRADS = ("factored", "explicit")
 REFERENCE_ROWS = ("mean", "sum")
@@ -82,6 +94,12 @@ class Config:
       "per_task" (GEM's check: some <g, r_k> < 0). projection: "conditional" (the paper's
       g - min(0, <g, ref>) / |ref|^2 ref), "unconditional" (remove the ref component whatever its
       sign) or "qp" (GEM's dual QP on the one row: g + v ref, v >= memory_strength).
+    grouped: the grouped variants' settings (`cljax.grouped_state.GroupedConfig`): groups of
+      hidden units formed after task 0, relatedness of tasks per group, and the rows' weights.
+      gem_grouped: GEM's QP (margin 0) over the t grouped rows g_k * w_k; agem_grouped: the
+      paper's conditional projection on their mean; agem_qp_grouped (the seed's attempt): that
+      mean row into GEM's QP under GEM's per-task trigger, margin = the mean of h over past
+      tasks, layers and groups.
     memory_grads: how past-task memory gradients are computed. "factored" (default): one forward
       and backward pass over the whole (T x n_memories) memory, kept as per-example factors
       (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
@@ -108,6 +126,7 @@ class Config:
   reference_row: str | None = None
   trigger: str | None = None
   projection: str | None = None
+  grouped: GroupedConfig = dataclasses.field(default_factory=GroupedConfig)
 
   @property
   def agem_rule(self) -> tuple[str, str, str]:
@@ -151,6 +170,22 @@ class Config:
     for name in ("batch_size", "eval_batch_size", "qp_max_iter"):
       if getattr(self, name) < 1:
         raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
+    if not isinstance(self.grouped, GroupedConfig):
+      raise CljaxError(
+        f"grouped must be a cljax.grouped_state.GroupedConfig, got {type(self.grouped).__name__}."
+      )
+    if self.variant in GROUPED_VARIANTS:
+      if self.memory_grads != "factored":
+        raise CljaxError(
+          f"{self.variant} builds its grouped rows from per-example factors: use memory_grads "
+          "'factored'."
+        )
+      check_sizes(self.grouped, self.n_hiddens)
+    elif self.grouped != GroupedConfig():
+      raise CljaxError(
+        f"grouped settings apply to the grouped variants ({', '.join(GROUPED_VARIANTS)}), not to "
+        f"{self.variant}: leave grouped at its default."
+      )
     if self.variant in _MEMORY_VARIANTS and self.n_memories < 1:
       raise CljaxError(f"variant {self.variant!r} needs n_memories >= 1, got {self.n_memories}.")
     if self.variant == "agem" and self.agem_ref == "pooled" and self.replay_batch_size < 1:
@@ -191,6 +226,7 @@ class TrainState(NamedTuple):
   memory: Memory
   step: jax.Array  # () int32 global step count (all tasks)
   diverged: jax.Array  # () bool: parameters went non-finite; later steps are skipped
+  grouped: Any = None  # grouped variants: `cljax.grouped_state.GroupedState`; else None
 
 
 class StepStats(NamedTuple):
@@ -312,6 +348,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
   """
   model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
   variant = config.variant
+  grouped = variant in GROUPED_VARIANTS
 
   def batch_loss(params, x, y):
     return jnp.mean(_cross_entropy(model.apply({"params": params}, x), y))
@@ -421,6 +458,59 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
 
     return on_past_slots(factored, memory, t)
 
+  def grouped_step(g, params, memory: Memory, t: jax.Array, x, y, gstate):
+    """The grouped variants: row_k = g_k * w_k, w_k from h[k] through the unit-to-group map.
+
+    The rows are never formed: their Gram matrix, their dots with g and their weighted sums come
+    from the memory examples' gradient factors with per-example input scales
+    (`cljax.grouped_rows`).
+    """
+    past = jnp.arange(memory.x.shape[0]) < t
+    assignments = [gstate.assignments[layer] for layer in range(gstate.assignments.shape[0])]
+    zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+
+    def factored(memory: Memory):
+      w = past_weights(memory, t)  # (n, M)
+      n, M = w.shape
+      mem = memory_factors(params, memory)
+      S = (jnp.eye(n, dtype=w.dtype)[:, :, None] * w[None]).reshape(n, n * M)  # task k's slots
+      h = gstate.h[:n]
+      scales = example_scales(
+        params, assignments, h, jnp.repeat(jnp.arange(n), M), bias_once=config.grouped.bias_once
+      )
+      P, q = grouped_terms(params, mem, scales, S, example_grads(apply, params, x, y))
+      mask = past[:n]
+      if variant == "gem_grouped":
+        v, info = gem_dual(P, q, mask=mask, eps=config.eps, max_iter=config.qp_max_iter)
+
+        def add_rows(_):
+          return jax.tree.map(jnp.add, g, grouped_row_sum(params, mem, scales, S, v))
+
+        g_new = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
+        return g_new, _qp_stats(info.violated, info.projected, info.qp)
+      n_past = jnp.maximum(t, 1).astype(jnp.float32)
+      ref = grouped_row_sum(params, mem, scales, S, jnp.where(mask, 1.0 / n_past, 0.0))
+      if variant == "agem_grouped":
+        violated = tree_vdot(g, ref) < 0
+        return agem_project(g, ref), (violated, violated, zero_i, zero_f, jnp.zeros((), bool))
+      any_conflict = jnp.any((q < 0) & mask)  # agem_qp_grouped: GEM's per-task check
+      # The seed's averaged h: the mean over past tasks and non-empty groups. Each column of h
+      # has mean 1 + margin over the past tasks (`transform_relatedness`), so this is 1 + margin
+      # whatever the relatedness (until the first recompute of a task: plain rows, 1).
+      valid = mask[:, None, None] & group_mask(gstate)[None]
+      margin = jnp.sum(jnp.where(valid, h, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+      g_new, info = gem_project(
+        g,
+        jax.tree.map(lambda r: r[None], ref),
+        margin=margin,
+        eps=config.eps,
+        trigger=any_conflict,
+        max_iter=config.qp_max_iter,
+      )
+      return g_new, _qp_stats(any_conflict, info.projected, info.qp)
+
+    return on_past_slots(factored, memory, t)
+
   def past_rows(params, memory: Memory, t: jax.Array):
     """GEM's constraint rows grad L_k, k < t, as a pytree with a leading axis T (zero for k >= t).
 
@@ -451,7 +541,9 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     y = memory.y.reshape(-1)[idx]
     return jax.grad(weighted_loss)(params, x, y, w)
 
-  def project_step(g, params, memory: Memory, t: jax.Array, x, y, hp: HParams, key: jax.Array):
+  def project_step(
+    g, params, memory: Memory, t: jax.Array, x, y, hp: HParams, key: jax.Array, gstate=None
+  ):
     """The variant's rule: (g of batch (x, y), memory of tasks k < t) -> (g~, StepStats fields)."""
     past = jnp.arange(memory.x.shape[0]) < t
     zero_i, zero_f, false = (
@@ -470,6 +562,9 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     if variant == "gem":
       g_new, info = gem_step(g, params, memory, t, x, y, hp)
       return g_new, _qp_stats(info.violated, info.projected, info.qp)
+
+    if grouped:
+      return grouped_step(g, params, memory, t, x, y, gstate)
 
     # The task-mean A-GEM family: a reference row, a trigger, a projection (`Config.agem_rule`).
     reference, trigger, projection = config.agem_rule
@@ -518,8 +613,12 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       filled=jnp.zeros((T, M), bool),
       cursor=jnp.zeros((), jnp.int32),
     )
+    gstate = None
+    if grouped:
+      n_classes = params["out"]["bias"].shape[0]
+      gstate = grouped_init(config.grouped, T, config.n_hiddens, config.n_layers, n_classes)
     state = TrainState(
-      params, opt.init(params), memory, jnp.zeros((), jnp.int32), jnp.zeros((), bool)
+      params, opt.init(params), memory, jnp.zeros((), jnp.int32), jnp.zeros((), bool), gstate
     )
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
@@ -527,15 +626,20 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       memory = write_memory(state.memory, t, x, y) if variant in _MEMORY_VARIANTS else state.memory
       loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
+      gstate = state.grouped
+      if grouped:  # the task statistics of the grouped variants, with the current parameters
+        acts, logits = hidden_activations(state.params, x)
+        extra = extra_vector(config.grouped, y, logits)
+        gstate = observe(gstate, config.grouped, acts, extra, t, jax.random.fold_in(key, 1))
       g, (violated, projected, qp_it, kkt, qp_failed) = jax.lax.cond(
         t > 0,  # no past task yet: nothing to project against
-        lambda: project_step(g, state.params, memory, t, x, y, hp, key),
+        lambda: project_step(g, state.params, memory, t, x, y, hp, key, state.grouped),
         lambda: (g, _no_projection()),
       )
       updates, opt_state = opt.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       finite = _tree_all_finite(params)
-      new = TrainState(params, opt_state, memory, state.step + 1, ~finite)
+      new = TrainState(params, opt_state, memory, state.step + 1, ~finite, gstate)
       return new, StepStats(jnp.ones((), bool), loss, violated, projected, qp_it, kkt, qp_failed)
 
     def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
@@ -559,6 +663,11 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
         chunk_then_eval, state, (jnp.full((n_chunks,), t), jnp.arange(n_chunks))
       )
       stats = jax.tree.map(lambda a: a.reshape(-1), stats)  # (C * chunk,)
+      if grouped:  # groups after task 0; the task's statistics frozen
+        key = jax.random.fold_in(jax.random.fold_in(step_key, _GROUP_KEY), t)
+        state = state._replace(
+          grouped=end_task(state.grouped, config.grouped, t, state.params, key)
+        )
       if progress is not None:
         jax.debug.callback(progress, t, curve[-1])
       return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params))
@@ -571,6 +680,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
 
 
 _N_BUCKETS = 4
+_GROUP_KEY = 0x7FFFFFFF  # folded into the step key for the grouped variants' random choices
 
 
 def past_slot_counts(T: int) -> tuple[int, ...]:

@@ -85,7 +85,7 @@ def small_dataset():
   )
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_fashion_dir():
   """The real Fashion-MNIST IDX directory; skipped when absent, but a failure on CI."""
   present = all(

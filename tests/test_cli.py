@@ -114,7 +114,9 @@ def test_seed_command_parses_verbatim():
   assert note.startswith("flags not used by agem (--agem_ref pooled): --memory_strength, --beta, ")
   listed = note.split(": ", 1)[1].split(", ")
   assert len(listed) == len(set(listed))
-  assert set(listed) == {"--memory_strength"} | {f"--{f}" for f in cli.SEED_ONLY_FLAGS}
+  grouped = {f"--{f}" for f in cli.GROUPED_FLAGS if f in args.given}  # agem has no groups
+  assert len(grouped) == 8
+  assert set(listed) == {"--memory_strength"} | {f"--{f}" for f in cli.SEED_ONLY_FLAGS} | grouped
   assert any("fashion_mnist_permutations_reduced.pt is not read" in n for n in notes)
 
 
@@ -244,6 +246,33 @@ def test_help(capsys):
     (["--seed", "-1"], "seed must be >= 0"),
     (["--dataset", "mnist", "--data_path", "/nonexistent/dir"], "does not exist"),
     (["extra"], "unexpected argument 'extra'"),
+    (
+      [
+        "--model",
+        "gem_grouped",
+        "--create_random_groups",
+        "True",
+        "--create_group_per_unit",
+        "True",
+      ],
+      "contradict each other",
+    ),
+    (["--model", "gem_grouped", "--divergence", "KL"], "only von_Neumann"),
+    (["--model", "gem_grouped", "--num_groups", "200"], "num_groups (200) exceeds n_hiddens (100)"),
+    (
+      ["--model", "agem_grouped", "--create_group_per_unit", "True", "--num_groups", "20"],
+      "makes n_hiddens (100) groups",
+    ),
+    (
+      ["--model", "gem_grouped", "--gem_ignore_relatedness", "True", "--ewc_reverse", "True"],
+      "--ewc_reverse True would have no effect",
+    ),
+    (
+      ["--model", "gem_grouped", "--create_random_groups", "True", "--cluster_iters", "3"],
+      "--cluster_iters applies to clustered groups, not to random groups",
+    ),
+    (["--model", "gem_grouped", "--cluster_max_size", "3"], "cluster_max_size must be in"),
+    (["--model", "agem_qp_grouped", "--memory_grads", "explicit"], "memory_grads 'factored'"),
   ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_data, tmp_path, capsys, no_data_env, argv, match):
@@ -402,6 +431,24 @@ def test_other_variants_run_without_plots(tiny_data, tmp_path, capsys, variant, 
   assert record["train_config"]["variant"] == variant
   assert record["train_config"]["agem_ref"] == ref and record["finite"] == [True, True]
   np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
+
+
+def test_grouped_run_names_its_settings_and_records_them(tiny_data, tmp_path, capsys):
+  argv = tiny_argv(tiny_data, tmp_path, "gem_grouped", "--n_tasks", "2", "--no_plots")
+  argv += ["--num_groups", "3", "--cov_recompute_every", "5", "--cov_first_task_buffer", "20"]
+  status, out, err = run_cli(capsys, [*argv, "--memory_strength", "1", "--bias_once", "True"])
+  assert status == 0, err
+  assert err == "cljax: note: flags not used by gem_grouped: --memory_strength\n"
+  name = "gem_grouped-num_groups-3-cov_recompute_every-5-cov_first_task_buffer-20-bias_once-True"
+  folder = tmp_path / f"{name}_fashion_mnist_permutations_seed3"
+  record = load_record(folder)
+  grouped = record["train_config"]["grouped"]
+  assert grouped["num_groups"] == 3 and grouped["grouping"] == "cluster" and grouped["bias_once"]
+  assert grouped["cov_first_task_buffer"] == 20 and record["finite"] == [True, True]
+  np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
+  # one unit per group: --num_groups follows --n_hiddens
+  args, _ = cli.parse_args(["--model", "agem_grouped", "--create_group_per_unit", "True"])
+  assert cli.train_config(args).grouped.num_groups == 100
 
 
 def test_divergence_keeps_results_and_exits_1(tiny_data, tmp_path, capsys, monkeypatch):

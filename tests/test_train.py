@@ -1,7 +1,6 @@
 """cljax.train: every variant on small real Fashion-MNIST runs, and the equalities of the math."""
 
 import math
-import os
 
 import chex
 import jax
@@ -41,15 +40,6 @@ def stream(request):
   )
 
 
-@pytest.fixture(scope="module")
-def real_fashion_dir():
-  if not os.path.isfile(os.path.join(data.DEFAULT_DATA_PATH, "train-images-idx3-ubyte.gz")):
-    if os.environ.get("CI"):
-      pytest.fail(f"CI is set but Fashion-MNIST is not in {data.DEFAULT_DATA_PATH}: `make data`")
-    pytest.skip(f"Fashion-MNIST not in {data.DEFAULT_DATA_PATH}: run `make data`")
-  return data.DEFAULT_DATA_PATH
-
-
 def config(variant, **kw):
   base = dict(variant=variant, n_memories=10, log_every=50, memory_strength=0.5, lr=0.02)
   return Config(**{**base, **kw})
@@ -82,12 +72,12 @@ def test_every_variant_learns_and_counts_consistently(stream, variant, ref):
     assert np.all(c.violations == 0) and np.all(c.projections == 0)
   else:
     assert np.all(c.violations[1:] > 0), c.violations  # conflicts happen on permuted tasks
-  if variant in ("gem", "agem_old", "agem_qp_mean"):
+  if variant in ("gem", "agem_old", "agem_qp_mean", "gem_grouped", "agem_qp_grouped"):
     assert np.all(c.qp_iterations >= c.projections)
     assert np.all(c.qp_failures == 0) and np.all(c.kkt_max <= 1e-3)
   else:
     assert np.all(c.qp_iterations == 0)
-  if variant in ("agem",):
+  if variant in ("agem", "agem_grouped"):
     np.testing.assert_array_equal(c.projections, c.violations)  # conditional projection
   # The curve's last point of each task is the matrix row; its steps are the chunk ends.
   np.testing.assert_array_equal(np.asarray(result.curve)[:, -1], R)
