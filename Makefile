@@ -10,7 +10,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run sweep which-agem test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
+.PHONY: setup data run sweep which-agem grouped test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ sweep: setup data
 
 which-agem: setup data
 	$(PY) experiments/which_agem.py --seeds $(SEEDS) $(ARGS)
+
+# gem vs the grouped variants, 5 seeds: experiments/results/grouped.md.
+grouped: setup data
+	$(PY) experiments/grouped.py $(ARGS)
 
 test: setup data
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -195,25 +195,35 @@ def relatedness_divergence(
     raise CljaxError(
       f"leading axes of C1 {C1.shape}, C2 {C2.shape} and mask {mask.shape} do not broadcast."
     ) from None
-  C1 = jnp.broadcast_to(C1, (*lead, n, n))
-  C2 = jnp.broadcast_to(C2, (*lead, n, n))
-  mask = jnp.broadcast_to(mask, (*lead, n))
   if n_extra == 0:
     return jnp.zeros(lead, dtype)
 
-  C1, C2 = _pad_identity(C1, mask), _pad_identity(C2, mask)
-  finite = _all_finite(C1) & _all_finite(C2)
   # Cx as an n x n matrix: the extra rows and columns replaced by the identity's, which adds 0 to
-  # every divergence (as padding does). All four matrices then go through ONE batched eigh: XLA's
+  # every divergence (as padding does). C1 and C2 keep their own leading axes (C1 of the current
+  # task is not repeated per past task), and all their matrices go through ONE batched eigh: XLA's
   # CPU runtime may run independent LAPACK eigh calls concurrently, and each blocks a thread of the
   # intra-op pool while waiting for its batch's sub-tasks on that same pool: with as many
   # concurrent calls as threads (2 on a 2-core machine) the run deadlocks.
-  x_mask = mask & (jnp.arange(n) < n - n_extra)
-  X1, X2 = _pad_identity(C1, x_mask), _pad_identity(C2, x_mask)
-  ok = jnp.broadcast_to(finite, (4, *lead))
-  lam, U = _eig(jnp.stack([C1, C2, X1, X2]), ok, floor)
-  d12, d21 = _divergences(lam[0], U[0], lam[1], U[1])
-  x12, x21 = _divergences(lam[2], U[2], lam[3], U[3])
+  keep_x = jnp.arange(n) < n - n_extra
+
+  def padded(C: jax.Array) -> tuple[jax.Array, jax.Array]:
+    lead_c = jnp.broadcast_shapes(C.shape[:-2], mask.shape[:-1])
+    m = jnp.broadcast_to(mask, (*lead_c, n))
+    full = _pad_identity(jnp.broadcast_to(C, (*lead_c, n, n)), m)
+    return full, _pad_identity(full, m & keep_x)
+
+  mats = [*padded(C1), *padded(C2)]  # C1, C1x, C2, C2x
+  flat = jnp.concatenate([A.reshape(-1, n, n) for A in mats])
+  lam, U = _eig(flat, _all_finite(flat), floor)
+  cuts = np.cumsum([int(np.prod(A.shape[:-2])) for A in mats])[:-1]
+  (l1, u1), (lx1, ux1), (l2, u2), (lx2, ux2) = (
+    (lam_k.reshape(A.shape[:-1]), U_k.reshape(A.shape))
+    for A, lam_k, U_k in zip(mats, jnp.split(lam, cuts), jnp.split(U, cuts), strict=True)
+  )
+  full_ok = [jnp.broadcast_to(_all_finite(A), lead) for A in mats[::2]]
+  finite = full_ok[0] & full_ok[1]
+  d12, d21 = _divergences(l1, u1, l2, u2)
+  x12, x21 = _divergences(lx1, ux1, lx2, ux2)
   j_xy, j_x = d12 + d21, x12 + x21
   r = jnp.maximum(0.5 * (j_xy - j_x), 0.0)
   r = jnp.where(finite & ~jnp.isnan(r), r, 0.0)

@@ -224,6 +224,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   use_cpu_devices(args.devices)  # before JAX starts (loading the data below starts it)
   if args.strategy is None:  # processes on a CPU; without a CPU-only JAX, one vmapped call
     args.strategy = "processes" if jax.default_backend() == "cpu" else "vmap"
+  n_devices = min(
+    len(jax.devices()), args.devices or len(jax.devices()), len(settings) * len(seeds)
+  )
+  if args.strategy != "processes" and n_devices > 1 and jax.default_backend() == "cpu":
+    try:  # make_sweep's check, before any data is loaded
+      make_sweep(config, strategy=args.strategy, devices=jax.devices()[:n_devices])
+    except CljaxError as e:
+      cli._error(e)
+      return 2
 
   try:
     data_path, note = cli._data_path(args)
@@ -395,8 +404,8 @@ def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory
     jnp.asarray([s.memory_strength for s, _ in to_run], jnp.float32),
   )
   stacked = stack_streams([stream_of[seed] for seed in seeds])
-  sweep = make_sweep(config, strategy=args.strategy, devices=devices, on_run=on_run)
   t0 = time.perf_counter()
+  sweep = make_sweep(config, strategy=args.strategy, devices=devices, on_run=on_run)
   try:
     compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()
   except CljaxError as e:

@@ -264,6 +264,8 @@ class RunResult(NamedTuple):
   counters: TaskCounters.
   finite: (T,) whether the parameters were finite after each task.
   params: the final parameters.
+  h: grouped variants: (T, T, L, G) the multipliers h in use at the end of each task t (row k
+    for past tasks k < t, zero elsewhere; `cljax.grouped_state`); None for the other variants.
   """
 
   acc: jax.Array
@@ -273,6 +275,7 @@ class RunResult(NamedTuple):
   counters: TaskCounters
   finite: jax.Array
   params: Any
+  h: Any = None
 
 
 def default_hparams(config: Config) -> HParams:
@@ -663,6 +666,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
         chunk_then_eval, state, (jnp.full((n_chunks,), t), jnp.arange(n_chunks))
       )
       stats = jax.tree.map(lambda a: a.reshape(-1), stats)  # (C * chunk,)
+      h_used = state.grouped.h if grouped else None
       if grouped:  # groups after task 0; the task's statistics frozen
         key = jax.random.fold_in(jax.random.fold_in(step_key, _GROUP_KEY), t)
         state = state._replace(
@@ -670,11 +674,11 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
         )
       if progress is not None:
         jax.debug.callback(progress, t, curve[-1])
-      return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params))
+      return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params), h_used)
 
     baseline = evaluate(state.params, stream)
-    state, (curve, curve_step, counters, finite) = jax.lax.scan(task, state, jnp.arange(T))
-    return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params)
+    state, (curve, curve_step, counters, finite, h) = jax.lax.scan(task, state, jnp.arange(T))
+    return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params, h)
 
   return train
 

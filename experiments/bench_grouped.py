@@ -21,6 +21,7 @@ RSS. A dense case whose rows exceed --dense_budget_gb is not run (its size is re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -112,6 +113,63 @@ def run_case(hidden: int, groups: int, method: str, repeats: int) -> dict:
   }
 
 
+RECOMPUTE_CASES = [  # (label, GroupedConfig kwargs): the seed's H = 100, G = 20 unless said
+  ("cluster, S = 10 (default cap)", {}),
+  ("cluster, S = 100 (uncapped)", {"cluster_max_size": 100}),
+  ("random, S = 5", {"grouping": "random"}),
+  ("unit, G = 100, S = 1", {"grouping": "unit", "num_groups": 100}),
+]
+
+
+def recompute_rows(repeats: int) -> list[str]:
+  """One relatedness recompute (`grouped_state.relatedness_h`) at the seed's last task.
+
+  T = 10 task slots, 9 past tasks, 2 hidden layers of 100 units: the (S + 1) x (S + 1)
+  covariance and its activations block, of the current task per (layer, group) and of every
+  task slot per (slot, layer, group), in one batched eigh.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from cljax.grouped_state import GroupedConfig, grouped_init, relatedness_h
+  from cljax.groups import random_groups
+  from cljax.relatedness import cov_from_buffer
+
+  rows = []
+  for label, kwargs in RECOMPUTE_CASES:
+    config = GroupedConfig(**kwargs)
+    state = grouped_init(config, 10, 100, 2, C)
+    G = state.past_cov.count.shape[-1]
+    n = state.cur_cov.mean.shape[-1]
+    rng = np.random.default_rng(0)
+    past, cur = (
+      cov_from_buffer(jnp.asarray(rng.standard_normal((50, *lead, n)), jnp.float32))
+      for lead in ((10, 2, G), (2, G))
+    )
+    groups = jnp.stack([random_groups(jax.random.key(k), 100, G) for k in (1, 2)])
+    state = state._replace(
+      assignments=groups, formed=jnp.ones((), bool), past_cov=past, cur_cov=cur
+    )
+    fn = jax.jit(functools.partial(relatedness_h, config=config, t=jnp.int32(9)))
+    t0 = time.perf_counter()
+    compiled = fn.lower(state).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(state))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(state))
+      times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    rows.append(
+      f"| {label} | {G} | {n} x {n} | {2 * 2 * G * (1 + 10):,} | {compile_s:.1f} | {ms:.2f} | "
+      f"{ms / config.cov_recompute_every:.3f} |"
+    )
+    print(rows[-1], flush=True)
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=7)
@@ -159,6 +217,18 @@ def main() -> None:
         + f" | {dense_gb:.2f} | {research_gb:.1f} |"
       )
       print(lines[-1], flush=True)
+  lines += [
+    "",
+    "Relatedness recompute (`grouped_state.relatedness_h`, every cov_recompute_every = 20 steps): "
+    "T = 10 task slots at the last task, 2 hidden layers of 100 units; one batched eigh of 2 "
+    "matrices per (layer, group) for the current task and 2 per (task slot, layer, group); "
+    f"median of {args.repeats} calls, in this process.",
+    "",
+    "| groups | G per layer | covariance | matrices decomposed | compile s | ms per recompute "
+    "| ms per step (/ 20) |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+    *recompute_rows(args.repeats),
+  ]
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:

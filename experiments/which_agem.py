@@ -185,17 +185,17 @@ def sweep_folder(runs_dir: str, row: Row) -> str:
   return os.path.join(runs_dir, "_".join(f.lstrip("-") for f in row.flags))
 
 
-def run_sweeps(args: argparse.Namespace) -> None:
+def run_sweeps(args: argparse.Namespace, rows: list[Row] = ROWS) -> None:
   """One resumable sweep per distinct flag set; margin 0 and 10 share a compiled grid."""
   grids: dict[tuple[str, ...], list[float]] = {}
-  for row in ROWS:
+  for row in rows:
     grids.setdefault(row.flags, [])
     if row.memory_strength not in grids[row.flags]:
       grids[row.flags].append(row.memory_strength)
   for flags, margins in grids.items():
     argv = [*flags, "--seeds", str(args.seeds), "--log_every", "0", "--no_plots"]
     argv += ["--memory_strength", ",".join(f"{m:g}" for m in margins)]
-    argv += ["--sweep_dir", sweep_folder(args.runs_dir, ROWS[[r.flags for r in ROWS].index(flags)])]
+    argv += ["--sweep_dir", sweep_folder(args.runs_dir, rows[[r.flags for r in rows].index(flags)])]
     print("\n$ python -m cljax.sweep_cli " + " ".join(argv), flush=True)
     status = sweep_cli.main(argv + args.extra)
     if status != 0:
@@ -228,13 +228,18 @@ def fmt_diff(d: tuple[float, float]) -> str:
   return f"{mean:+.4f} +- {2 * se:.4f} (2 SE; {verdict})"
 
 
-def report(args: argparse.Namespace) -> str:
+def row_table(runs_dir: str, rows: list[Row]) -> tuple[dict[str, dict], int]:
+  """{row key: {row, records, summary}} and the smallest number of seeds of a row."""
   table = {}
-  for row in ROWS:
-    recs = row_records(args.runs_dir, row)
+  for row in rows:
+    recs = row_records(runs_dir, row)
     (summary,) = records.summarize(recs)
     table[row.key] = {"row": row, "records": recs, "summary": summary}
-  n = min(t["summary"]["n"] for t in table.values())
+  return table, min(t["summary"]["n"] for t in table.values())
+
+
+def report(args: argparse.Namespace) -> str:
+  table, n = row_table(args.runs_dir, ROWS)
   lines = [
     "# Which A-GEM is correct?",
     "",
@@ -347,15 +352,19 @@ def conclusion(table: dict, n: int) -> list[str]:
   ]
 
 
-def plots(args: argparse.Namespace, out_dir: str) -> None:
-  table = []
-  for row in ROWS:
-    (summary,) = records.summarize(row_records(args.runs_dir, row))
-    table.append((row.label, summary))
-  labels = [label for label, _ in table]
-  rows = [s for _, s in table]
+def bars_png(table: dict[str, dict], path: str) -> list[dict]:
+  """Writes the Final / Backward / Forward bars of a row table; returns its summaries."""
+  labels = [t["row"].label for t in table.values()]
+  rows = [t["summary"] for t in table.values()]
   png = records.plot_bars(labels, rows, title="Final / Backward / Forward, mean +- std over seeds")
-  write_atomic(os.path.join(out_dir, "which_agem.png"), png)
+  write_atomic(path, png)
+  return rows
+
+
+def plots(args: argparse.Namespace, out_dir: str) -> None:
+  table, _ = row_table(args.runs_dir, ROWS)
+  labels = [t["row"].label for t in table.values()]
+  rows = bars_png(table, os.path.join(out_dir, "which_agem.png"))
 
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure

@@ -95,6 +95,16 @@ def test_relatedness_reweights_the_rows_and_stays_finite(stream, variant):
   assert any(not np.allclose(a, b, atol=1e-4) for a, b in leaves)
   c = jax.tree.map(np.asarray, weighted.counters)
   assert np.all(c.qp_failures == 0) and c.projections[0] == 0 and np.all(c.projections[1:] > 0)
+  # h in use at each task's end: zero for tasks not yet past, 1 with a single past task (the
+  # softmax over one task is 1), and mean 1 over the past tasks of every non-empty group
+  h = np.asarray(weighted.h)
+  assert h.shape == (N_TASKS, N_TASKS, 2, GROUPED["num_groups"]) and np.isfinite(h).all()
+  assert not h[0].any() and not h[1, 1:].any() and not h[2, 2:].any()
+  valid = h[1, 0] != 0
+  np.testing.assert_array_equal(h[1, 0][valid], 1.0)
+  np.testing.assert_allclose(h[2, :2].mean(0)[valid], 1.0, rtol=1e-5)
+  assert not np.allclose(h[2, :2][:, valid], 1.0)  # the relatedness moved them
+  assert run(stream, config("gem", memory_strength=0.0)).h is None
 
 
 @pytest.mark.realdata

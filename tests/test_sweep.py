@@ -8,6 +8,7 @@ import pytest
 
 from cljax import tasks
 from cljax.errors import CljaxError
+from cljax.grouped_state import GroupedConfig
 from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, HParams, make_train
 
@@ -136,3 +137,19 @@ def test_an_empty_sweep_is_refused(runs):
       stacked._replace(**{n: getattr(empty, n) for n in ("train_idx", "pix_idx", "pix_w")}),
       hp,
     )
+
+
+def test_grouped_variant_sweeps_on_one_device_and_refuses_several_cpu_devices(runs):
+  """vmap of a grouped run (its relatedness state and eigh batched) equals the runs one by one."""
+  streams, stacked, keys = runs
+  grouped = GroupedConfig(num_groups=4, cov_recompute_every=10, cov_first_task_buffer=20)
+  cfg = _config(variant="gem_grouped", n_hiddens=20, log_every=0, grouped=grouped)
+  hp = grid_hparams(cfg, len(SEEDS))
+  cpu = jax.devices("cpu")[0]
+  out = jax.jit(make_sweep(cfg, strategy="vmap", devices=[cpu]))(keys, stacked, hp)
+  for i, want in enumerate(_one_by_one(cfg, streams, keys, hp)):
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda a, i=i: a[i], out.params), want.params, atol=1e-4
+    )
+  with pytest.raises(CljaxError, match="cannot be split across 2 CPU devices"):
+    make_sweep(cfg, devices=[cpu, cpu])

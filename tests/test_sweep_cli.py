@@ -188,6 +188,13 @@ def test_bad_input_is_one_line(tiny_data, tmp_path, capsys, extra, message):
   assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_grouped_variant_refuses_several_cpu_devices_before_loading(tiny_data, tmp_path):
+  argv = flags(tiny_data, tmp_path, "--model", "gem_grouped", "--num_groups", "3", "--seeds", "2")
+  done = sweep([*argv, "--strategy", "map", "--devices", "2"])
+  assert done.returncode == 2 and done.stdout == ""
+  assert done.stderr.strip().endswith("(its CPU default).") and "deadlock" in done.stderr
+
+
 def test_split_grid_and_seeds():
   argv, grid = sweep_cli.split_grid(["--lr", "0.1,0.3", "--memory_strength=0,10", "--n_tasks", "3"])
   assert argv == ["--lr", "0.1", "--memory_strength", "0.0", "--n_tasks", "3"]
