@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     "num_groups": "groups of hidden units per layer, formed after task 0 (with "
     "--create_group_per_unit: n_hiddens)",
     "cov_recompute_every": "recompute the task relatedness every this many steps of a task",
-    "create_random_groups": "random balanced groups (default: clusters of similar units)",
+    "create_random_groups": "random balanced groups instead of clusters of similar units",
     "create_group_per_unit": "one unit per group",
     "divergence": "the divergence between tasks' covariances (only von_Neumann)",
     "if_output_cov": "covariances with the network's outputs instead of the label",
@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     "ewc_reverse": "weigh the most different past tasks most (softmax of +divergence)",
     "gem_sub_mean": "subtract each task and layer's mean weight over its groups",
     "gem_ignore_relatedness": "multipliers h = 1: the rows of plain GEM",
-    "bias_once": "count each next layer's bias once, not once per group (the research code)",
+    "bias_once": "count each next layer's bias once (False: once per group, as the research "
+    "code's rows)",
     "relatedness_margin": "added to every multiplier h after its re-centring to mean 1",
     "cluster_iters": "Lloyd iterations of the clustering",
     "cluster_max_size": "at most this many units per cluster group (default 2 ceil(H/G))",
