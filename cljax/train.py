@@ -99,7 +99,8 @@ class Config:
       gem_grouped: GEM's QP (margin 0) over the t grouped rows g_k * w_k; agem_grouped: the
       paper's conditional projection on their mean; agem_qp_grouped (the seed's attempt): that
       mean row into GEM's QP under GEM's per-task trigger, margin = the mean of h over past
-      tasks, layers and groups.
+      tasks, layers and non-empty groups (1 + GroupedConfig.margin by construction of h).
+      memory_strength is not read by them.
     memory_grads: how past-task memory gradients are computed. "factored" (default): one forward
       and backward pass over the whole (T x n_memories) memory, kept as per-example factors
       (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
