@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, concrete_value
 from cljax.example_grads import ExampleGrads, Path, _has_bias, _names
 from cljax.groups import _check_assignments, _mlp_layers, group_sizes
 
@@ -49,14 +49,6 @@ class Scales(NamedTuple):
   inputs: dict[Path, jax.Array]
   bias: dict[Path, jax.Array]
   task: jax.Array
-
-
-def _concrete(x: Any) -> np.ndarray | None:
-  """The value of x as a numpy array, or None when x is traced (under jit or vmap)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
 
 
 def example_scales(
@@ -100,7 +92,7 @@ def example_scales(
   task = jnp.asarray(task_of_example)
   if task.ndim != 1 or not jnp.issubdtype(task.dtype, jnp.integer):
     raise CljaxError(f"task_of_example must be an (E,) int array, got {task.dtype} {task.shape}.")
-  concrete = _concrete(task)
+  concrete = concrete_value(task)
   if concrete is not None and concrete.size and (concrete.min() < 0 or concrete.max() >= num_tasks):
     raise CljaxError(
       f"task_of_example values must be in [0, {num_tasks}) (h has {num_tasks} tasks), got "
@@ -236,7 +228,7 @@ def _row_weights(S: jax.Array, scales: Scales, name: str) -> jax.Array:
   if S.ndim != 2 or S.shape[1] != n:
     raise CljaxError(f"{name}: S must have shape (T, {n}) (one column per example), got {S.shape}.")
   own = scales.task[None, :] == jnp.arange(S.shape[0])[:, None]  # (T, E)
-  s_c, own_c = _concrete(S), _concrete(own)
+  s_c, own_c = concrete_value(S), concrete_value(own)
   if s_c is not None and own_c is not None and np.any((s_c != 0) & ~own_c):
     i, e = np.argwhere((s_c != 0) & ~own_c)[0]
     raise CljaxError(

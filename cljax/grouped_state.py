@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, is_int
 from cljax.groups import (
   GROUPING_METHODS,
   _mlp_layers,
@@ -56,10 +56,6 @@ from cljax.relatedness import (
 )
 
 PyTree = Any
-
-
-def _is_int(v: object) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +103,9 @@ class GroupedConfig:
       )
     for name in ("num_groups", "cov_first_task_buffer", "cov_recompute_every"):
       v = getattr(self, name)
-      if not _is_int(v) or v < 1:
+      if not is_int(v) or v < 1:
         raise CljaxError(f"{name} must be an int >= 1, got {v!r}.")
-    if not _is_int(self.cluster_iters) or self.cluster_iters < 0:
+    if not is_int(self.cluster_iters) or self.cluster_iters < 0:
       raise CljaxError(f"cluster_iters must be an int >= 0, got {self.cluster_iters!r}.")
     for name in ("if_output_cov", "ewc_reverse", "sub_mean", "ignore_relatedness", "bias_once"):
       if not isinstance(getattr(self, name), bool):
@@ -128,7 +124,7 @@ class GroupedConfig:
         "groups are balanced): leave it unset."
       )
     if self.cluster_max_size is not None and (
-      not _is_int(self.cluster_max_size) or self.cluster_max_size < 1
+      not is_int(self.cluster_max_size) or self.cluster_max_size < 1
     ):
       raise CljaxError(f"cluster_max_size must be an int >= 1, got {self.cluster_max_size!r}.")
     if self.ignore_relatedness:
@@ -220,7 +216,7 @@ def grouped_init(
     ("n_layers", n_layers),
     ("n_classes", n_classes),
   ):
-    if not _is_int(v) or v < 1:
+    if not is_int(v) or v < 1:
       raise CljaxError(f"{name} must be an int >= 1, got {v!r}.")
   check_sizes(config, n_hiddens)
   T, L, H = n_tasks, n_layers, n_hiddens

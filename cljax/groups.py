@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, concrete_value, is_int
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -42,14 +42,10 @@ DEFAULT_MAX_BYTES = 2**28
 """`dense_group_rows` refuses to build rows larger than this (256 MiB) unless told otherwise."""
 
 
-def _is_int(v: object) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _check_counts(n_units: object, num_groups: object) -> None:
-  if not _is_int(n_units) or n_units < 1:
+  if not is_int(n_units) or n_units < 1:
     raise CljaxError(f"n_units must be an int >= 1, got {n_units!r}.")
-  if not _is_int(num_groups) or num_groups < 1:
+  if not is_int(num_groups) or num_groups < 1:
     raise CljaxError(f"num_groups must be an int >= 1, got {num_groups!r}.")
   if num_groups > n_units:
     raise CljaxError(
@@ -129,7 +125,7 @@ def cluster_groups(
   if x.ndim != 2:
     raise CljaxError(f"unit_weights must have shape (n_units, d), got {x.shape}.")
   _check_counts(x.shape[0], num_groups)
-  if not _is_int(iters) or iters < 0:
+  if not is_int(iters) or iters < 0:
     raise CljaxError(f"iters must be an int >= 0, got {iters!r}.")
   check_max_size(max_size, x.shape[0], num_groups)
   x = x.astype(jnp.result_type(x, jnp.float32))
@@ -173,7 +169,7 @@ def check_max_size(max_size: object, n_units: int, num_groups: int) -> None:
   if max_size is None:
     return
   least = -(-n_units // num_groups)
-  if not _is_int(max_size) or not least <= max_size <= n_units:
+  if not is_int(max_size) or not least <= max_size <= n_units:
     raise CljaxError(
       f"max_size must be an int in [ceil(H / G), H] = [{least}, {n_units}] (G groups must hold "
       f"all {n_units} units), got {max_size!r}."
@@ -202,7 +198,7 @@ def group_sizes(assignment: jax.Array, num_groups: int) -> jax.Array:
   assignment = jnp.asarray(assignment)
   if assignment.ndim != 1:
     raise CljaxError(f"assignment must have shape (n_units,), got {assignment.shape}.")
-  if not _is_int(num_groups) or num_groups < 1:
+  if not is_int(num_groups) or num_groups < 1:
     raise CljaxError(f"num_groups must be an int >= 1, got {num_groups!r}.")
   return jnp.sum(jax.nn.one_hot(assignment, num_groups, dtype=jnp.int32), axis=0)
 
@@ -260,10 +256,7 @@ def _check_assignments(
         f"assignments[{li}] must be an int array of shape ({h},) for hidden_{li}; got {a.dtype} "
         f"{a.shape}."
       )
-    try:
-      concrete = np.asarray(a)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      concrete = None
+    concrete = concrete_value(a)
     if concrete is not None and (concrete.min() < 0 or concrete.max() >= num_groups):
       raise CljaxError(
         f"assignments[{li}] values must be in [0, {num_groups}), got {concrete.min()} to "
@@ -395,7 +388,7 @@ def dense_group_rows(
     (1 + L G, p) array in ravel_pytree's dtype.
   """
   names = _mlp_layers(grad)
-  if not _is_int(num_groups) or num_groups < 1:
+  if not is_int(num_groups) or num_groups < 1:
     raise CljaxError(f"num_groups must be an int >= 1, got {num_groups!r}.")
   assignments = _check_assignments(names, grad, assignments, num_groups)
   n_hidden = len(names) - 1

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, concrete_value
 from cljax.qp import QPInfo, solve_box_qp
 
 PyTree = Any
@@ -93,11 +93,8 @@ def _check_same_shapes(g: PyTree, other: PyTree, name: str, *, leading: bool) ->
 
 def _check_nonnegative(value: Any, name: str) -> None:
   """Refuse a negative concrete value; traced values (e.g. swept under vmap) are not checked."""
-  try:
-    concrete = np.asarray(value)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return
-  if np.any(concrete < 0):
+  concrete = concrete_value(value)
+  if concrete is not None and np.any(concrete < 0):
     raise CljaxError(f"{name} must be >= 0, got {value}.")
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, concrete_value
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_FLOOR = 1e-6
@@ -346,13 +346,6 @@ def cov_from_buffer(
 # Padded group vectors.
 
 
-def _concrete(x: jax.Array) -> np.ndarray | None:
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
-
-
 def group_vectors(
   activations: jax.Array,
   extra: jax.Array,
@@ -395,7 +388,7 @@ def group_vectors(
       raise CljaxError(f"{name} must be an int >= 1 (static), got {v!r}.")
   onehot = jax.nn.one_hot(assignment, num_groups, dtype=jnp.int32)  # (H, G); out of range: 0
   sizes = jnp.sum(onehot, axis=0)
-  concrete = _concrete(assignment)
+  concrete = concrete_value(assignment)
   if concrete is not None:
     if concrete.size and (concrete.min() < 0 or concrete.max() >= num_groups):
       raise CljaxError(f"assignment values must be in [0, {num_groups}), got {concrete}.")

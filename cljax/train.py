@@ -471,7 +471,6 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     """
     past = jnp.arange(memory.x.shape[0]) < t
     assignments = [gstate.assignments[layer] for layer in range(gstate.assignments.shape[0])]
-    zero_i, zero_f = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
 
     def factored(memory: Memory):
       w = past_weights(memory, t)  # (n, M)
@@ -495,23 +494,14 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
       n_past = jnp.maximum(t, 1).astype(jnp.float32)
       ref = grouped_row_sum(params, mem, scales, S, jnp.where(mask, 1.0 / n_past, 0.0))
       if variant == "agem_grouped":
-        violated = tree_vdot(g, ref) < 0
-        return agem_project(g, ref), (violated, violated, zero_i, zero_f, jnp.zeros((), bool))
+        return _agem_conditional(g, ref)
       any_conflict = jnp.any((q < 0) & mask)  # agem_qp_grouped: GEM's per-task check
       # The seed's averaged h: the mean over past tasks and non-empty groups. Each column of h
       # has mean 1 + margin over the past tasks (`transform_relatedness`), so this is 1 + margin
       # whatever the relatedness (until the first recompute of a task: plain rows, 1).
       valid = mask[:, None, None] & group_mask(gstate)[None]
       margin = jnp.sum(jnp.where(valid, h, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-      g_new, info = gem_project(
-        g,
-        jax.tree.map(lambda r: r[None], ref),
-        margin=margin,
-        eps=config.eps,
-        trigger=any_conflict,
-        max_iter=config.qp_max_iter,
-      )
-      return g_new, _qp_stats(any_conflict, info.projected, info.qp)
+      return one_row_qp(g, ref, margin, any_conflict)
 
     return on_past_slots(factored, memory, t)
 
@@ -545,23 +535,31 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     y = memory.y.reshape(-1)[idx]
     return jax.grad(weighted_loss)(params, x, y, w)
 
+  def one_row_qp(g, ref, margin, trigger):
+    """GEM's dual QP on the single row ref (v >= margin) -> (g~, StepStats fields).
+
+    trigger: when the QP may run (None: its own check, <g, ref> < 0).
+    """
+    g_new, info = gem_project(
+      g,
+      jax.tree.map(lambda r: r[None], ref),
+      margin=margin,
+      eps=config.eps,
+      trigger=trigger,
+      max_iter=config.qp_max_iter,
+    )
+    return g_new, _qp_stats(info.violated if trigger is None else trigger, info.projected, info.qp)
+
   def project_step(
     g, params, memory: Memory, t: jax.Array, x, y, hp: HParams, key: jax.Array, gstate=None
   ):
     """The variant's rule: (g of batch (x, y), memory of tasks k < t) -> (g~, StepStats fields)."""
     past = jnp.arange(memory.x.shape[0]) < t
-    zero_i, zero_f, false = (
-      jnp.zeros((), jnp.int32),
-      jnp.zeros((), jnp.float32),
-      jnp.zeros((), bool),
-    )
     if variant == "single":
-      return g, (false, false, zero_i, zero_f, false)
+      return g, _no_projection()
 
     if variant == "agem" and config.agem_ref == "pooled":
-      ref = pooled_ref(params, memory, past, key)
-      violated = tree_vdot(g, ref) < 0
-      return agem_project(g, ref), (violated, violated, zero_i, zero_f, false)
+      return _agem_conditional(g, pooled_ref(params, memory, past, key))
 
     if variant == "gem":
       g_new, info = gem_step(g, params, memory, t, x, y, hp)
@@ -580,16 +578,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     any_conflict = jnp.any((dots < 0) & past) if per_task else None  # GEM's per-task check
 
     if projection == "qp":  # GEM's QP on the one row, margin v >= memory_strength
-      g_new, info = gem_project(
-        g,
-        jax.tree.map(lambda r: r[None], ref),
-        margin=hp.memory_strength,
-        eps=config.eps,
-        trigger=any_conflict,  # None: the QP's own check, <g, ref> < 0
-        max_iter=config.qp_max_iter,
-      )
-      fired = any_conflict if per_task else info.violated
-      return g_new, _qp_stats(fired, info.projected, info.qp)
+      return one_row_qp(g, ref, hp.memory_strength, any_conflict)
 
     conflict = tree_vdot(g, ref) < 0  # the reference trigger
     fired = any_conflict if per_task else conflict
@@ -598,7 +587,7 @@ def make_train(config: Config, *, progress: Callable[[Any, Any], None] | None = 
     else:  # unconditional: remove the ref component whatever its sign
       g_new, projected = project_orthogonal(g, ref), fired
     g_new = jax.tree.map(lambda a, b: jnp.where(fired, a, b), g_new, g)
-    return g_new, (fired, projected, zero_i, zero_f, false)
+    return g_new, _closed_form_stats(fired, projected)
 
   evaluate = make_evaluate(config)
 
@@ -739,14 +728,25 @@ def _qp_stats(violated, projected, info):
   )
 
 
-def _no_projection() -> tuple[jax.Array, ...]:
-  """The project_step stats of a step that does not project.
+def _closed_form_stats(fired: jax.Array, projected: jax.Array) -> tuple[jax.Array, ...]:
+  """The project_step stats of a rule without a QP: no iterations, no KKT residual, no failure.
 
   Created lazily: importing cljax must not initialise a JAX backend, so that a caller can still
   choose the CPU device count (`jax_num_cpu_devices`).
   """
-  false, zero_i, zero_f = jnp.zeros((), bool), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
-  return false, false, zero_i, zero_f, false
+  return fired, projected, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+
+
+def _no_projection() -> tuple[jax.Array, ...]:
+  """The project_step stats of a step that does not project."""
+  false = jnp.zeros((), bool)
+  return _closed_form_stats(false, false)
+
+
+def _agem_conditional(g, ref) -> tuple[Any, tuple[jax.Array, ...]]:
+  """The A-GEM paper's rule: g - min(0, <g, ref>) / |ref|^2 ref, with its stats."""
+  violated = tree_vdot(g, ref) < 0
+  return agem_project(g, ref), _closed_form_stats(violated, violated)
 
 
 _STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from cljax import data
+from cljax import data, tasks
 
 REAL_FASHION_DIR = data.DEFAULT_DATA_PATH
 
@@ -100,3 +100,16 @@ def real_fashion_dir():
       pytest.fail("CI is set but " + message)
     pytest.skip(message)
   return REAL_FASHION_DIR
+
+
+def real_permutation_stream(directory, *, n_tasks, samples_per_task, test_samples):
+  """Real Fashion-MNIST (IDX files in directory) as GEM's permuted tasks, seed 0."""
+  dataset = data.load_dataset("fashion_mnist", data_path=directory, source="idx")
+  return tasks.make_stream(
+    dataset,
+    protocol="permutations",
+    n_tasks=n_tasks,
+    samples_per_task=samples_per_task,
+    test_samples=test_samples,
+    seed=0,
+  )

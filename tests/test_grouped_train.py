@@ -6,12 +6,12 @@ ones must reproduce when every multiplier h is 1 and the biases are counted once
 """
 
 import chex
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import data, tasks
 from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
 from cljax.train import GROUPED_VARIANTS, Config, HParams, make_train
@@ -24,15 +24,11 @@ GROUPED = dict(num_groups=4, cov_recompute_every=10, cov_first_task_buffer=30)
 
 @pytest.fixture(scope="module")
 def stream(request):
-  directory = request.getfixturevalue("real_fashion_dir")
-  dataset = data.load_dataset("fashion_mnist", data_path=directory, source="idx")
-  return tasks.make_stream(
-    dataset,
-    protocol="permutations",
+  return conftest.real_permutation_stream(
+    request.getfixturevalue("real_fashion_dir"),
     n_tasks=N_TASKS,
     samples_per_task=SAMPLES,
     test_samples=TEST,
-    seed=0,
   )
 
 

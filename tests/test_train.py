@@ -3,12 +3,13 @@
 import math
 
 import chex
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import data, tasks
+from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.models import make_mlp
 from cljax.train import (
@@ -28,15 +29,11 @@ N_TASKS, SAMPLES, TEST = 3, 300, 500
 
 @pytest.fixture(scope="module")
 def stream(request):
-  directory = request.getfixturevalue("real_fashion_dir")
-  dataset = data.load_dataset("fashion_mnist", data_path=directory, source="idx")
-  return tasks.make_stream(
-    dataset,
-    protocol="permutations",
+  return conftest.real_permutation_stream(
+    request.getfixturevalue("real_fashion_dir"),
     n_tasks=N_TASKS,
     samples_per_task=SAMPLES,
     test_samples=TEST,
-    seed=0,
   )
 
 
