@@ -23,9 +23,11 @@ from cljax.grouped_rows import (
 )
 from cljax.groups import group_param_weights
 from cljax.models import make_mlp
+from tests.numerics import sum_atol
 
 T, M, G, B = 3, 4, 3, 5  # tasks, memory slots per task, groups, current batch size
-RTOL, ATOL = 1e-4, 1e-5
+# Elementwise products of h (a handful of float32 roundings, each <= u = 6e-8 relative).
+SCALE_RTOL = 1e-6
 
 
 class Net(nn.Module):
@@ -100,6 +102,53 @@ def _factors(pb):
   return pb["mem"], pb["batch"]
 
 
+@functools.cache
+def _abs_grads(name):
+  """|g_e| (float64) of each memory example (E, p) and of each current-batch example (B, p)."""
+  pb = _problem(name)
+  params, apply = pb["params"], pb["apply"]
+
+  def loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x[None]), y[None])[0]
+
+  def per_example(x, y):
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    return np.abs(np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(grads), np.float64))
+
+  return per_example(pb["x"], pb["y"]), per_example(pb["xb"], pb["yb"])
+
+
+def _abs_weights(pb, h, bias_once=False):
+  """|w_i| (float64, flattened like ravel_pytree) for each h[i]: (len(h), p)."""
+  weights = [
+    ravel_pytree(group_param_weights(pb["params"], pb["assignments"], hi, bias_once=bias_once))[0]
+    for hi in h
+  ]
+  return np.abs(np.asarray(jnp.stack(weights), np.float64))
+
+
+def _bounds(name, h, S, v, bias_once=False):
+  """Rounding bounds (atol) for two programs' P, q and v'R of the rows S with multipliers h.
+
+  Both the dense rows r_i = sum_e S_ie w_i * g_e and the factored path (per-example Grams of the
+  layer factors) sum the same products, so each entry's error is below `sum_atol` of the sum of
+  their absolute values:
+    A_ik = sum_e |S_ie| |w_ik g_ek|     (the rows' absolute sums, n_rows x p)
+    P_ij: sum_k A_ik A_jk, n = p E^2;  q_i: sum_k A_ik |g|_k, n = p E B;
+    (v'R)_k: |v|'A, n = n_rows E
+  with |g|_k = mean_b |g_bk| over the current batch.
+  """
+  mem, cur = _abs_grads(name)
+  W = _abs_weights(_problem(name), h, bias_once)
+  A = np.abs(np.asarray(S, np.float64)) @ mem * W
+  E, p = mem.shape
+  return dict(
+    P=sum_atol(A @ A.T, p * E * E),
+    q=sum_atol(A @ cur.mean(0), p * E * B),
+    update=sum_atol(np.abs(np.asarray(v, np.float64)) @ A, len(S) * E),
+  )
+
+
 @pytest.mark.parametrize("bias_once", [False, True])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_terms_and_update_equal_dense_rows(name, bias_once):
@@ -119,10 +168,11 @@ def test_terms_and_update_equal_dense_rows(name, bias_once):
     return R, flat_g, P, q, q_tree, ravel_pytree(update)[0]
 
   R, flat_g, P, q, q_tree, update = both(pb["h"], pb["S"])
-  np.testing.assert_allclose(P, R @ R.T, rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(q, R @ flat_g, rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(q_tree, R @ flat_g, rtol=RTOL, atol=ATOL)
-  np.testing.assert_allclose(update, v @ R, rtol=RTOL, atol=ATOL)
+  atol = _bounds(name, pb["h"], pb["S"], v, bias_once)  # two programs: rounding bounds
+  np.testing.assert_allclose(P, R @ R.T, rtol=0, atol=atol["P"])
+  np.testing.assert_allclose(q, R @ flat_g, rtol=0, atol=atol["q"])
+  np.testing.assert_allclose(q_tree, R @ flat_g, rtol=0, atol=atol["q"])
+  np.testing.assert_allclose(update, v @ R, rtol=0, atol=atol["update"])
 
 
 @pytest.mark.parametrize("bias_once", [False, True])
@@ -134,8 +184,9 @@ def test_scales_are_the_group_param_weights_of_each_examples_task(bias_once):
     w = group_param_weights(pb["params"], pb["assignments"], pb["h"][i], bias_once=bias_once)
     mine = np.asarray(pb["task"]) == i
     for (layer,), u in scales.inputs.items():
-      np.testing.assert_allclose(u[mine], np.tile(w[layer]["kernel"][:, 0], (M, 1)), rtol=1e-6)
-      np.testing.assert_allclose(scales.bias[(layer,)][mine], w[layer]["bias"][0], rtol=1e-6)
+      want = np.tile(w[layer]["kernel"][:, 0], (M, 1))
+      np.testing.assert_allclose(u[mine], want, rtol=SCALE_RTOL)
+      np.testing.assert_allclose(scales.bias[(layer,)][mine], w[layer]["bias"][0], rtol=SCALE_RTOL)
 
 
 @pytest.mark.parametrize("name", ["2 hidden (6, 5)", "1 hidden"])
@@ -146,15 +197,21 @@ def test_all_ones_h_with_bias_once_is_plain_gem(name):
   h = jnp.ones_like(pb["h"])
   scales = example_scales(params, pb["assignments"], h, pb["task"], bias_once=True)
   P, q = grouped_terms(params, mem, scales, S, batch)
-  np.testing.assert_allclose(P, S @ gram(params, mem) @ S.T, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(q, S @ jnp.mean(gram(params, mem, batch), 1), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(scaled_gram(params, mem, scales), gram(params, mem), rtol=1e-6)
   c = jnp.linspace(-1.0, 1.0, T * M)
+  # Two programs: the bounds of _bounds (with h = 1); the per-example Gram is P's with S = I
+  # (T M rows), the weighted gradient v'R's with the rows e and v = c.
+  atol = _bounds(name, h, S, c[:T], bias_once=True)
+  np.testing.assert_allclose(P, S @ gram(params, mem) @ S.T, rtol=0, atol=atol["P"])
+  np.testing.assert_allclose(q, S @ jnp.mean(gram(params, mem, batch), 1), rtol=0, atol=atol["q"])
+  per_example = _bounds(name, jnp.ones((T * M, *h.shape[1:])), np.eye(T * M), c, bias_once=True)
+  np.testing.assert_allclose(
+    scaled_gram(params, mem, scales), gram(params, mem), rtol=0, atol=per_example["P"]
+  )
   np.testing.assert_allclose(
     ravel_pytree(scaled_weighted_grad(params, mem, scales, c))[0],
     ravel_pytree(weighted_grad(params, mem, c))[0],
-    rtol=1e-5,
-    atol=1e-7,
+    rtol=0,
+    atol=per_example["update"],
   )
   # Without bias_once, each grouped bias counts once per non-empty group (2 of the 3 here).
   doubled = example_scales(params, pb["assignments"], h, pb["task"])
@@ -176,7 +233,11 @@ def test_scaled_dots_and_cross_gram_are_per_example_dots():
     assert scaled_gram(params, mem, scales, batch).shape == (T * M, B)
     return scaled_gram(params, mem, scales, one)[:, 0], scaled_dots(params, mem, scales, g_0)
 
-  np.testing.assert_allclose(*dots(pb["h"]), rtol=RTOL, atol=ATOL)
+  # Two programs summing the p products w_e g_e * g_0 of each entry e.
+  mem_abs, cur_abs = _abs_grads("2 hidden (6, 5)")
+  W = _abs_weights(pb, pb["h"][np.asarray(pb["task"])])
+  atol = sum_atol((mem_abs * W) @ cur_abs[0], mem_abs.shape[1])
+  np.testing.assert_allclose(*dots(pb["h"]), rtol=0, atol=atol)
 
 
 def test_jit_and_vmap_over_h():
@@ -190,14 +251,19 @@ def test_jit_and_vmap_over_h():
     P, q = grouped_terms(params, mem, scales, S, batch)
     return P, q, ravel_pytree(grouped_row_sum(params, mem, scales, S, v))[0]
 
+  def atols(h):  # jit, vmap and eager are different programs: the rounding bounds
+    bounds = _bounds("2 hidden (6, 5)", h, S, v)
+    return bounds["P"], bounds["q"], bounds["update"]
+
   eager = terms(pb["h"], pb["task"])
-  for got, want in zip(jax.jit(terms)(pb["h"], pb["task"]), eager, strict=True):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  pairs = zip(jax.jit(terms)(pb["h"], pb["task"]), eager, atols(pb["h"]), strict=True)
+  for got, want, atol in pairs:
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
   hs = jnp.stack([pb["h"], 2.0 * pb["h"][::-1]])
   batched = jax.vmap(terms, in_axes=(0, None))(hs, pb["task"])
   for k in range(2):
-    for got, want in zip(batched, terms(hs[k], pb["task"]), strict=True):
-      np.testing.assert_allclose(got[k], want, rtol=1e-5, atol=1e-6)
+    for got, want, atol in zip(batched, terms(hs[k], pb["task"]), atols(hs[k]), strict=True):
+      np.testing.assert_allclose(got[k], want, rtol=0, atol=atol)
 
 
 def test_under_jit_off_task_weights_and_unknown_tasks_are_ignored():
@@ -206,10 +272,10 @@ def test_under_jit_off_task_weights_and_unknown_tasks_are_ignored():
   mem, batch = _factors(pb)
   scales = example_scales(params, assignments, pb["h"], pb["task"])
   bad_S = S.at[0, M].set(5.0)  # example M is task 1's
-  P, q = jax.jit(lambda S: grouped_terms(params, mem, scales, S, batch))(bad_S)
-  want_P, want_q = grouped_terms(params, mem, scales, S, batch)
-  np.testing.assert_allclose(P, want_P, rtol=1e-6)
-  np.testing.assert_allclose(q, want_q, rtol=1e-6)
+  terms = jax.jit(lambda S: grouped_terms(params, mem, scales, S, batch))
+  # The same compiled program on both: the ignored weight must not change a bit.
+  for got, want in zip(terms(bad_S), terms(S), strict=True):
+    np.testing.assert_array_equal(got, want)
   task = pb["task"].at[0].set(T)
   traced = jax.jit(lambda t: example_scales(params, assignments, pb["h"], t))(task)
   for u in traced.inputs.values():

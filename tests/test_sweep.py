@@ -1,6 +1,5 @@
 """cljax.sweep: many runs in one compiled call equal the same runs made one by one."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +10,10 @@ from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
 from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, HParams, make_train
+from tests.numerics import assert_trees_close_after
 
 SEEDS = (0, 1, 2)
+STEPS = 3 * 80  # each run's steps: the horizon of the trajectory bounds
 
 
 def _config(**kw):
@@ -41,13 +42,18 @@ def _one_by_one(config, streams, keys, hparams):
   ]
 
 
-def test_map_sweep_equals_runs_one_by_one_exactly(runs):
+def test_map_sweep_equals_runs_one_by_one(runs):
+  # A loop over runs is another program than one run: equal to rounding over STEPS steps, with
+  # exactly the same decisions (projections, QP iterations).
   streams, stacked, keys = runs
   cfg = _config()
   hp = grid_hparams(cfg, len(SEEDS), lr=[0.01, 0.02, 0.05])
   swept = jax.jit(make_sweep(cfg, strategy="map"))(keys, stacked, hp)
   for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
-    chex.assert_trees_all_equal(jax.tree.map(lambda a, i=i: a[i], swept), ref)
+    ours = jax.tree.map(lambda a, i=i: a[i], swept)
+    assert_trees_close_after(ours.params, ref.params, STEPS)
+    np.testing.assert_array_equal(ours.counters.projections, ref.counters.projections)
+    np.testing.assert_array_equal(ours.counters.steps, ref.counters.steps)
   assert not np.array_equal(swept.params["out"]["bias"][0], swept.params["out"]["bias"][1])
 
 
@@ -60,8 +66,8 @@ def test_batched_sweeps_equal_runs_one_by_one_up_to_rounding(runs, strategy, bat
   swept = jax.jit(make_sweep(cfg, strategy=strategy, batch_size=batch_size))(keys, stacked, hp)
   for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
     ours = jax.tree.map(lambda a, i=i: a[i], swept)
-    chex.assert_trees_all_close(ours.params, ref.params, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ours.acc, ref.acc, atol=0.03)
+    assert_trees_close_after(ours.params, ref.params, STEPS)
+    np.testing.assert_allclose(ours.acc, ref.acc, atol=0.03)  # a test example of 50 may flip
     np.testing.assert_array_equal(ours.counters.steps, ref.counters.steps)
 
 
@@ -148,8 +154,6 @@ def test_grouped_variant_sweeps_on_one_device_and_refuses_several_cpu_devices(ru
   cpu = jax.devices("cpu")[0]
   out = jax.jit(make_sweep(cfg, strategy="vmap", devices=[cpu]))(keys, stacked, hp)
   for i, want in enumerate(_one_by_one(cfg, streams, keys, hp)):
-    chex.assert_trees_all_close(
-      jax.tree.map(lambda a, i=i: a[i], out.params), want.params, atol=1e-4
-    )
+    assert_trees_close_after(jax.tree.map(lambda a, i=i: a[i], out.params), want.params, STEPS)
   with pytest.raises(CljaxError, match="cannot be split across 2 CPU devices"):
     make_sweep(cfg, devices=[cpu, cpu])

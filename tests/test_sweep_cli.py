@@ -35,10 +35,18 @@ def flags(data_dir, save, *extra, n_tasks=3, samples=30):
   return [*argv, "--log_every", "10", "--n_memories", "5", "--memory_strength", "0.5", *extra]
 
 
+def child_env():
+  """This process's environment for a sweep process, less any host device count in XLA_FLAGS.
+
+  The sweep sets its own device count; other XLA flags (an ISA limit) are kept.
+  """
+  kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": " ".join(kept)}
+
+
 def sweep(argv, **kw):
   """Runs `python -m cljax.sweep_cli argv` in a fresh process (2 workers or 2 host devices)."""
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  env.pop("XLA_FLAGS", None)
+  env = child_env()
   return subprocess.run(
     [sys.executable, "-m", "cljax.sweep_cli", "--workers", "2", "--devices", "2", *argv],
     capture_output=True,
@@ -136,8 +144,7 @@ def test_one_compiled_call_across_two_host_devices(tiny_data, tmp_path):
 def test_a_killed_sweep_resumes_with_the_missing_records(tiny_data, tmp_path):
   folder = str(tmp_path / "sweep")
   argv = flags(tiny_data, tmp_path, "--seeds", "8", "--sweep_dir", folder, n_tasks=5, samples=150)
-  env = {**os.environ, "PYTHONPATH": ROOT}
-  env.pop("XLA_FLAGS", None)
+  env = child_env()
   proc = subprocess.Popen(
     [sys.executable, "-m", "cljax.sweep_cli", "--workers", "1", *argv],
     stdout=subprocess.PIPE,
