@@ -50,8 +50,10 @@ which-agem: setup data
 grouped: setup data
 	$(PY) experiments/grouped.py $(ARGS)
 
+# Two worker processes (one per core here), a test file per worker; the 25 slowest tests printed.
+PYTEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,14 +1,34 @@
-"""Shared fixtures: generated IDX files, a small synthetic dataset, the real Fashion-MNIST files."""
+"""Shared fixtures: generated IDX files, a small synthetic dataset, the real Fashion-MNIST files.
 
+The suite compiles many whole runs, and compiling (not running) is most of its time; many tests
+compile the very same program (the same configuration in several modules, the plain run again in a
+sweep's worker processes). JAX's persistent compilation cache, in a folder made for this session
+and removed after it, compiles each program once: a program loaded from the cache is the same
+executable, so results are unchanged bit for bit. Worker processes get the folder through the
+environment.
+"""
+
+import atexit
 import gzip
 import os
+import shutil
 import struct
+import tempfile
 import types
 
+import jax
 import numpy as np
 import pytest
 
 from cljax import data, tasks
+
+# pytest-xdist's workers inherit the folder of the process that made it; only that one removes it.
+_XLA_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if not _XLA_CACHE:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="cljax-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE  # for subprocesses and workers
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 
 REAL_FASHION_DIR = data.DEFAULT_DATA_PATH
 
@@ -113,3 +133,40 @@ def real_permutation_stream(directory, *, n_tasks, samples_per_task, test_sample
     test_samples=test_samples,
     seed=0,
   )
+
+
+@pytest.fixture(scope="session")
+def real_stream(real_fashion_dir):
+  """Real Fashion-MNIST, 3 permuted tasks x 300 examples, 500 test examples: the engine tests'."""
+  return real_permutation_stream(
+    real_fashion_dir, n_tasks=ENGINE_TASKS, samples_per_task=ENGINE_SAMPLES, test_samples=500
+  )
+
+
+ENGINE_TASKS, ENGINE_SAMPLES = 3, 300
+# The engine tests' settings: 10 memories, an evaluation every 50 steps, GEM's margin 0.5.
+ENGINE_BASE = {"n_memories": 10, "log_every": 50, "memory_strength": 0.5, "lr": 0.02}
+
+
+def engine_config(variant, **kw):
+  """A `Config` of the engine tests: ENGINE_BASE, overridden by kw."""
+  from cljax.train import Config
+
+  return Config(**{"variant": variant, **ENGINE_BASE, **kw})
+
+
+_RUNS = {}
+
+
+def engine_run(stream, config, key=0):
+  """`jax.jit(make_train(config))(jax.random.key(key), stream)`, made once per session.
+
+  Several modules check different statements on the same runs; each run (and its compile) is
+  made once. `stream` must be a session-scoped stream (it is keyed by identity).
+  """
+  from cljax.train import make_train
+
+  k = (id(stream), config, key)
+  if k not in _RUNS:
+    _RUNS[k] = (stream, jax.jit(make_train(config))(jax.random.key(key), stream))
+  return _RUNS[k][1]
