@@ -155,7 +155,7 @@ def engine_config(variant, **kw):
   return Config(**{"variant": variant, **ENGINE_BASE, **kw})
 
 
-_RUNS = {}
+_RUNS = {}  # (id(stream), config, key) -> (stream, result); holding stream keeps its id unique
 
 
 def engine_run(stream, config, key=0):

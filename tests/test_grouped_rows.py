@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from numerics import sum_atol
 
 from cljax.errors import CljaxError
 from cljax.example_grads import example_grads, gram, weighted_grad
@@ -23,7 +24,6 @@ from cljax.grouped_rows import (
 )
 from cljax.groups import group_param_weights
 from cljax.models import make_mlp
-from tests.numerics import sum_atol
 
 T, M, G, B = 3, 4, 3, 5  # tasks, memory slots per task, groups, current batch size
 # Elementwise products of h (a handful of float32 roundings, each <= u = 6e-8 relative).

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_trees_close_after
 
 from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
 from cljax.train import GROUPED_VARIANTS, Config, HParams, make_train
-from tests.numerics import assert_trees_close_after
 
 N_TASKS, SAMPLES, TEST, HIDDEN = 3, 100, 200, 20
 # Plain rows: h = 1 on every past task and group, each bias once.

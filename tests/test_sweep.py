@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import assert_trees_close_after
 
 from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
 from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, HParams, make_train
-from tests.numerics import assert_trees_close_after
 
 SEEDS = (0, 1, 2)
 STEPS = 3 * 80  # each run's steps: the horizon of the trajectory bounds

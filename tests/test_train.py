@@ -35,15 +35,15 @@ def stream(real_stream):
   return real_stream
 
 
+SHORT = 40
+
+
 @pytest.fixture(scope="module")
 def short_stream(real_fashion_dir):
   """3 tasks x 40 examples: a horizon short enough to compare two programs' trajectories."""
   return conftest.real_permutation_stream(
     real_fashion_dir, n_tasks=N_TASKS, samples_per_task=SHORT, test_samples=100
   )
-
-
-SHORT = 40
 
 
 @pytest.mark.realdata
