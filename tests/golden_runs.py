@@ -1,0 +1,98 @@
+"""The golden runs: every built-in variant's seed line on a short configuration of the real data.
+
+`python tests/golden_runs.py` runs them through the CLI (`python -m cljax`'s `main`) and writes
+`tests/golden_runs.json`: per run its command line, GEM's seed line, the (T, T) accuracy matrix
+and the per-task projection counts, with the environment that computed them (jax / jaxlib
+versions, CPU model, XLA_FLAGS). `tests/test_golden.py` runs them again: in the recording
+environment the numbers must be the same bit for bit (the same program on the same CPU); on
+another CPU or XLA version the kernels round differently, so only the seed line is compared,
+within 0.005 (a few of the 10,000 test images per task classified differently).
+
+Recorded on the engine before the rules became pluggable pieces, so that the refactoring is
+checked against the numbers it started from.
+"""
+
+import json
+import os
+import platform
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GOLDEN_JSON = os.path.join(HERE, "golden_runs.json")
+
+# 3 tasks x 200 samples, seed 3, evaluations at task ends only.
+SHORT = ["--n_tasks", "3", "--samples_per_task", "200", "--seed", "3", "--log_every", "0"]
+RUNS = {
+  "single": ["--model", "single"],
+  "gem": ["--model", "gem"],
+  "gem-explicit": ["--model", "gem", "--memory_grads", "explicit"],
+  "agem": ["--model", "agem"],
+  "agem-task_mean": ["--model", "agem", "--agem_ref", "task_mean"],
+  "agem_old": ["--model", "agem_old"],
+  "agem_old-reference_row-mean": ["--model", "agem_old", "--reference_row", "mean"],
+  "agem_new": ["--model", "agem_new"],
+  "agem_new-trigger-reference": ["--model", "agem_new", "--trigger", "reference"],
+  "agem_new-projection-conditional": ["--model", "agem_new", "--projection", "conditional"],
+  "agem_qp_mean": ["--model", "agem_qp_mean"],
+  "gem_grouped": ["--model", "gem_grouped"],
+  "agem_grouped": ["--model", "agem_grouped"],
+  "agem_qp_grouped": ["--model", "agem_qp_grouped"],
+}
+
+
+def environment() -> dict:
+  """What decides the rounding of a compiled run: the XLA version, the CPU, the ISA flags."""
+  import jax
+  import jaxlib
+
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return {
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "cpu": cpu,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def run(name: str, save_path: str) -> dict:
+  """Runs RUNS[name] through the CLI; its seed line, matrix and projection counts."""
+  from cljax import __main__ as cli
+
+  argv = [*RUNS[name], *SHORT, "--save_path", save_path, "--no_plots"]
+  before = set(os.listdir(save_path))
+  status = cli.main(argv)
+  if status != 0:
+    raise RuntimeError(f"{name}: exit status {status}")
+  (folder,) = set(os.listdir(save_path)) - before
+  with open(os.path.join(save_path, folder, "results.json")) as f:
+    record = json.load(f)
+  return {
+    "argv": argv[:-3],
+    "seed_line": record["seed_line"],
+    "matrix": record["matrix"],
+    "projections": record["counters"]["projections"],
+  }
+
+
+def main() -> int:
+  runs = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in RUNS:
+      os.makedirs(os.path.join(tmp, name))
+      runs[name] = run(name, os.path.join(tmp, name))
+  with open(GOLDEN_JSON + ".tmp", "w") as f:
+    json.dump({"environment": environment(), "runs": runs}, f, indent=1)
+    f.write("\n")
+  os.replace(GOLDEN_JSON + ".tmp", GOLDEN_JSON)
+  print(f"wrote {GOLDEN_JSON}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
