@@ -1,5 +1,13 @@
-"""cljax: continual learning with GEM and A-GEM, functional and jit-compiled in JAX."""
+"""cljax: continual learning with GEM and A-GEM, functional and jit-compiled in JAX.
 
+    stream = cljax.make_stream(cljax.load_dataset("fashion_mnist"), protocol="permutations",
+                               n_tasks=10, samples_per_task=1000, seed=3)
+    result = jax.jit(cljax.make_train(cljax.Config(variant="agem_new")))(jax.random.key(3), stream)
+
+Any `cljax.rules.Rule` runs in the same engine: `cljax.make_train(config, rule=...)`.
+"""
+
+from cljax import rules, transforms
 from cljax.data import Dataset, Split, load_dataset
 from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
@@ -20,18 +28,27 @@ from cljax.projections import (
 )
 from cljax.qp import QPInfo, kkt_residuals, solve_box_qp
 from cljax.relatedness import relatedness_divergence, von_neumann_divergence
+from cljax.rules import HParams, Rule, StepContext
+from cljax.sweep import make_sweep
 from cljax.tasks import TaskStream, eval_set, make_stream, train_batch
+from cljax.train import Config, RunResult, TaskCounters, make_train
 
 __version__ = "0.1.0"
 
 __all__ = [
   "MLP",
   "CljaxError",
+  "Config",
   "Dataset",
   "GEMInfo",
   "GroupedConfig",
+  "HParams",
   "QPInfo",
+  "Rule",
+  "RunResult",
   "Split",
+  "StepContext",
+  "TaskCounters",
   "TaskStream",
   "agem_project",
   "eval_set",
@@ -46,14 +63,18 @@ __all__ = [
   "make_groupings",
   "make_mlp",
   "make_stream",
+  "make_sweep",
+  "make_train",
   "paper_stats",
   "param_count",
   "project_orthogonal",
   "ravel",
   "ravel_rows",
   "relatedness_divergence",
+  "rules",
   "solve_box_qp",
   "train_batch",
+  "transforms",
   "tree_vdot",
   "unravel_rows",
   "von_neumann_divergence",

@@ -16,6 +16,7 @@ import numpy as np
 from cljax import data, models, results, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped_state import GroupedConfig
+from cljax.rules import registry
 
 _PROG = "cljax"
 _HELP_HINT = "see `python -m cljax --help`"
@@ -152,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--model",
     type=_variant,
     default=d["model"],
-    help=f"one of {', '.join(train.VARIANTS)}"
-    " (case-insensitive; the seed's Agem is agem, the A-GEM paper's rule)",
+    help="the rule (case-insensitive; the seed's Agem is agem, the A-GEM paper's rule): "
+    + "; ".join(f"{v.name}: {v.help}" for v in registry.VARIANTS.values()),
   )
   add(seed, "--n_tasks", type=int, default=d["n_tasks"], help="number of tasks")
   add(seed, "--lr", type=float, default=d["lr"], help="SGD learning rate")
@@ -377,32 +378,20 @@ def data_file_settings(data_file: str) -> tuple[str, str]:
 
 def uses_qp(variant: str, projection: str | None = None) -> bool:
   """Whether a run solves GEM's QP with margin memory_strength (reads it, eps, qp_max_iter)."""
-  if variant == "gem":
-    return True
-  preset = train.AGEM_RULES.get(variant)
-  return preset is not None and (projection or preset[2]) == "qp"
+  return registry.uses_qp(variant, projection)
+
+
+# The registry's rule settings as flags (argparse dests): "grouped" is the grouped variants' flags.
+_RULE_DESTS = {
+  name: tuple(GROUPED_FLAGS) if name == "grouped" else (name,) for name in registry.RULE_SETTINGS
+}
 
 
 def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> frozenset[str]:
   """The flags (argparse dests) that `variant` does not read: reported as unused when given."""
-  unused = set(SEED_ONLY_FLAGS)
-  if variant == "single":
-    unused.update(("n_memories", "memory_grads"))
-  if not uses_qp(variant, projection):
-    unused.update(("memory_strength", "eps", "qp_max_iter"))
-  if variant in train.GROUPED_VARIANTS:
-    unused.add("memory_strength")  # margin 0, or the averaged h (agem_qp_grouped)
-    if variant == "agem_grouped":
-      unused.update(("eps", "qp_max_iter"))
-  else:
-    unused.update(GROUPED_FLAGS)
-  if variant != "agem":
-    unused.add("agem_ref")
-  if not (variant == "agem" and agem_ref == "pooled"):
-    unused.add("replay_batch_size")
-  else:
-    unused.add("memory_grads")  # the pooled sample's gradient is taken directly
-  return frozenset(unused)
+  reads = registry.settings_read(variant, agem_ref, projection)
+  unused = {d for name, dests in _RULE_DESTS.items() if name not in reads for d in dests}
+  return frozenset(unused | set(SEED_ONLY_FLAGS))
 
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
@@ -448,7 +437,7 @@ def parse_args(
     )
   unused = unused_flags(args)
   if unused:
-    what = f"agem (--agem_ref {args.agem_ref})" if args.model == "agem" else args.model
+    what = registry.describe(args.model, args.agem_ref)[1].replace("(agem_ref", "(--agem_ref")
     notes.insert(0, f"flags not used by {what}: {', '.join(unused)}")
   return args, notes
 

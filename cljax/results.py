@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from cljax import metrics, train
+from cljax.rules import registry
 
 RESULTS_JSON = "results.json"
 MATRIX_PNG = "accuracy_matrix.png"
@@ -43,7 +44,7 @@ def run_name(
   rule overrides, the grouped variants' non-default flags), e.g. {"trigger": "reference"} ->
   "agem_new-trigger-reference_...".
   """
-  head = f"{variant}_{agem_ref}" if variant == "agem" and agem_ref else variant
+  head, _ = registry.describe(variant, agem_ref)
   head += "".join(f"-{k}-{v}" for k, v in (rule or {}).items() if v is not None)
   return f"{head}_{dataset}_{protocol}_seed{seed}"
 

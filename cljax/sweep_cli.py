@@ -37,6 +37,7 @@ import numpy as np
 from cljax import __main__ as cli
 from cljax import records, results, train
 from cljax.errors import CljaxError
+from cljax.rules import registry
 from cljax.sweep import STRATEGIES, make_sweep, stack_streams
 
 SWEPT_FLAGS = ("lr", "memory_strength")  # `train.HParams`: traced, one compile for the grid
@@ -187,7 +188,7 @@ def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> d
 
 
 def _title(args: argparse.Namespace) -> str:
-  what = f"{args.model} (agem_ref {args.agem_ref})" if args.model == "agem" else args.model
+  _, what = registry.describe(args.model, args.agem_ref)
   rule = ", ".join(f"{n} {v}" for n, v in cli.name_parts(args).items() if v is not None)
   return f"{what}{' ' + rule if rule else ''} on {args.dataset} {args.protocol}"
 

@@ -5,7 +5,8 @@ compile the very same program (the same configuration in several modules, the pl
 sweep's worker processes). JAX's persistent compilation cache, in a folder made for this session
 and removed after it, compiles each program once: a program loaded from the cache is the same
 executable, so results are unchanged bit for bit. Worker processes get the folder through the
-environment.
+environment. Every program is cached, however quick its compile (JAX's default skips those under
+1 s, which are most of the suite's small runs, compiled again in other test files and processes).
 """
 
 import atexit
@@ -28,7 +29,9 @@ if not _XLA_CACHE:
   _XLA_CACHE = tempfile.mkdtemp(prefix="cljax-tests-xla-cache-")
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE  # for subprocesses and workers
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # subprocesses too
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 REAL_FASHION_DIR = data.DEFAULT_DATA_PATH
 

@@ -13,18 +13,10 @@ import pytest
 
 from cljax import tasks
 from cljax.errors import CljaxError
+from cljax.memory import Memory, write_memory
+from cljax.memory_grads import past_slot_counts
 from cljax.models import make_mlp
-from cljax.train import (
-  VARIANTS,
-  Config,
-  HParams,
-  Memory,
-  make_evaluate,
-  make_train,
-  past_slot_counts,
-  schedule,
-  write_memory,
-)
+from cljax.train import VARIANTS, Config, HParams, make_evaluate, make_train, schedule
 
 N_TASKS, TEST = conftest.ENGINE_TASKS, 500
 config, run = conftest.engine_config, conftest.engine_run

@@ -1,0 +1,141 @@
+"""The rule interface: what a continual-learning method does to each step's gradient.
+
+A rule is a factory's product, shaped like an optax transformation: the factory closes over the
+method's settings and returns a `Rule` of pure functions,
+
+    state = rule.init(params, n_tasks)
+    g_new, stats, state = rule.update(g, ctx, state)      # every training step
+    state = rule.end_task(state, ctx_end)                  # after each task (optional)
+
+`g` is the batch gradient (a pytree like the parameters), `ctx` a `StepContext`: the task t,
+the batch, the episodic memory (with the batch written), the parameters, the traced
+hyper-parameters and the step's PRNG key; `cljax.memory_grads` computes the per-task memory
+gradients from it. The engine (`cljax.train.make_train`) applies SGD to g_new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from cljax.memory import Memory, past_mask
+
+PyTree = Any
+
+
+class HParams(NamedTuple):
+  """Hyper-parameters that do not change shapes: traced, so a sweep over them compiles once."""
+
+  lr: jax.Array  # () SGD learning rate
+  memory_strength: jax.Array  # () GEM's margin
+
+
+class StepContext(NamedTuple):
+  """What a rule may read at one training step (all arrays traced inside the compiled run).
+
+  t: () int32 the current task; params: the parameters before the step; x (B, D), y (B,): the
+  batch; memory: the episodic memory, the batch already written; hparams: `HParams`; key: the
+  step's PRNG key; apply: apply(params, x) -> logits, the network.
+  """
+
+  t: jax.Array
+  params: PyTree
+  x: jax.Array
+  y: jax.Array
+  memory: Memory
+  hparams: HParams
+  key: jax.Array
+  apply: Callable[[PyTree, jax.Array], jax.Array]
+
+  @property
+  def past(self) -> jax.Array:
+    """(T,) bool: the past tasks k < t."""
+    return past_mask(self.memory, self.t)
+
+
+class TaskEndContext(NamedTuple):
+  """What a rule's end_task may read: the finished task t, the parameters, a PRNG key."""
+
+  t: jax.Array
+  params: PyTree
+  key: jax.Array
+
+
+class ProjectionStats(NamedTuple):
+  """What a rule did at one step (each a scalar), reduced per task by the engine."""
+
+  violated: jax.Array  # () bool: the rule's trigger fired (a constraint was violated)
+  projected: jax.Array  # () bool: g was changed
+  qp_iterations: jax.Array  # () int32 (0 without a QP)
+  kkt: jax.Array  # () float32 the QP's KKT residual (0 without a QP)
+  qp_failed: jax.Array  # () bool: a QP ran and did not converge
+
+
+class Rule(NamedTuple):
+  """A continual-learning method as pure functions (see the module docstring).
+
+  init(params, n_tasks) -> state; update(g, ctx, state) -> (g_new, ProjectionStats, state);
+  end_task(state, TaskEndContext) -> state, or None (nothing to do at task ends);
+  summary(state) -> a pytree recorded at each task end before end_task (`RunResult.h`), or None;
+  uses_memory: whether the engine fills the episodic memory (else it keeps one unused slot).
+  """
+
+  init: Callable[[PyTree, int], Any]
+  update: Callable[[PyTree, StepContext, Any], tuple[PyTree, ProjectionStats, Any]]
+  end_task: Callable[[Any, TaskEndContext], Any] | None = None
+  summary: Callable[[Any], Any] | None = None
+  uses_memory: bool = True
+
+
+def stateless(
+  update: Callable[[PyTree, StepContext], tuple[PyTree, ProjectionStats]], *, uses_memory=True
+) -> Rule:
+  """A Rule without state from update(g, ctx) -> (g_new, ProjectionStats)."""
+
+  def rule_update(g, ctx, state):
+    g_new, stats = update(g, ctx)
+    return g_new, stats, state
+
+  return Rule(init=lambda params, n_tasks: None, update=rule_update, uses_memory=uses_memory)
+
+
+def closed_form_stats(fired: jax.Array, projected: jax.Array) -> ProjectionStats:
+  """The stats of a step without a QP: no iterations, no KKT residual, no failure."""
+  zeros = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+  return ProjectionStats(fired, projected, *zeros)
+
+
+def no_projection() -> ProjectionStats:
+  """The stats of a step that leaves g as it is.
+
+  Created when called: importing cljax must not initialise a JAX backend, so that a caller can
+  still choose the CPU device count (`jax_num_cpu_devices`).
+  """
+  false = jnp.zeros((), bool)
+  return closed_form_stats(false, false)
+
+
+def qp_stats(violated: jax.Array, projected: jax.Array, info: Any) -> ProjectionStats:
+  """The stats of a step that ran the dual QP (`info`: its `cljax.qp.QPInfo`)."""
+  return ProjectionStats(
+    violated,
+    projected,
+    info.iterations.astype(jnp.int32),
+    info.kkt.astype(jnp.float32),
+    projected & ~info.converged,
+  )
+
+
+def when_past(
+  ctx: StepContext, project: Callable[[], tuple[PyTree, ProjectionStats]], g: PyTree
+) -> tuple[PyTree, ProjectionStats]:
+  """project() from task 1 on; on task 0 (no past task to protect) g unchanged."""
+  return jax.lax.cond(ctx.t > 0, project, lambda: (g, no_projection()))
+
+
+def single() -> Rule:
+  """Plain SGD on the current task: g unchanged, no memory (GEM's "single")."""
+  return stateless(lambda g, ctx: (g, no_projection()), uses_memory=False)

@@ -1,0 +1,52 @@
+"""GEM (Lopez-Paz & Ranzato 2017): one constraint row r_k per past task and the dual QP.
+
+    min_v 1/2 v'(R R' + eps I)v + (R g)'v   s.t. v >= margin,   g~ = g + R'v
+
+(`cljax.projections.gem_dual`), R the (t, p) rows of the past tasks' memory gradients. With the
+factored memory gradients the rows are never formed: R R', R g and R'v come from per-example
+factors (`cljax.memory_grads`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cljax import memory_grads
+from cljax.example_grads import weighted_grad
+from cljax.memory import past_weights
+from cljax.projections import gem_dual, gem_project
+from cljax.rules.base import Rule, StepContext, qp_stats, stateless, when_past
+
+
+def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> Rule:
+  """GEM's rule: margin = the traced memory_strength; mode: "factored" or "explicit" rows."""
+
+  def project(g, ctx: StepContext):
+    past = ctx.past
+    qp_args = {
+      "margin": ctx.hparams.memory_strength,
+      "mask": past,
+      "eps": eps,
+      "max_iter": max_iter,
+    }
+    if mode == "explicit":
+      g_new, info = gem_project(g, memory_grads.past_rows(ctx), **qp_args)
+      return g_new, qp_stats(info.violated, info.projected, info.qp)
+
+    def factored(c: StepContext):
+      w = past_weights(c.memory, c.t)  # (n, M): row k = sum_i w_ki grad l_i
+      mem = memory_grads.memory_factors(c)
+      P = memory_grads.task_gram(c, mem, w)
+      q = memory_grads.factored_checks(c, mem, w)
+      v, info = gem_dual(P, q, **{**qp_args, "mask": past[: w.shape[0]]})
+
+      def add_rows(_):
+        return jax.tree.map(jnp.add, g, weighted_grad(c.params, mem, (v[:, None] * w).reshape(-1)))
+
+      g_new = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
+      return g_new, qp_stats(info.violated, info.projected, info.qp)
+
+    return memory_grads.on_past_slots(factored, ctx)
+
+  return stateless(lambda g, ctx: when_past(ctx, lambda: project(g, ctx), g))

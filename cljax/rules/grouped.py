@@ -1,0 +1,106 @@
+"""The grouped variants: GEM's rows split by groups of hidden units, weighted by task relatedness.
+
+Row k is g_k * w_k: task k's memory gradient with each group's weights scaled by the multiplier
+h[k, layer, group] (`cljax.grouped_state`: groups formed after task 0, relatedness of the tasks'
+covariances per group). The rows are never formed: their Gram matrix, their dots with g and their
+weighted sums come from the memory examples' gradient factors with per-example input scales
+(`cljax.grouped_rows`). The rule's state is the `GroupedState`, observed at every step (with the
+current parameters) and frozen at each task end.
+
+- gem_grouped: GEM's QP (margin 0) over the t grouped rows;
+- agem_grouped: the A-GEM paper's conditional projection on their mean;
+- agem_qp_grouped (the seed's attempt): that mean row into GEM's QP under GEM's per-task trigger,
+  margin = the mean of h over past tasks, layers and non-empty groups.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cljax import memory_grads
+from cljax.grouped_rows import example_scales, grouped_row_sum, grouped_terms
+from cljax.grouped_state import (
+  GroupedConfig,
+  end_task,
+  extra_vector,
+  group_mask,
+  grouped_init,
+  hidden_activations,
+  observe,
+)
+from cljax.memory import past_weights
+from cljax.projections import gem_dual
+from cljax.rules.agem import conditional, one_row_qp
+from cljax.rules.base import Rule, StepContext, TaskEndContext, qp_stats, when_past
+
+GROUPED_RULES = ("gem_grouped", "agem_grouped", "agem_qp_grouped")
+
+
+def grouped(
+  kind: str,
+  config: GroupedConfig,
+  n_hiddens: int,
+  n_layers: int,
+  *,
+  eps: float = 1e-3,
+  max_iter: int = 1000,
+) -> Rule:
+  """The grouped rule `kind` (one of GROUPED_RULES) on an MLP of n_layers x n_hiddens units."""
+  if kind not in GROUPED_RULES:
+    raise ValueError(f"unknown grouped rule {kind!r}: choose one of {', '.join(GROUPED_RULES)}")
+  conditional_projection = conditional().project
+
+  def project(g, ctx: StepContext, state):
+    past = ctx.past
+    assignments = [state.assignments[layer] for layer in range(state.assignments.shape[0])]
+
+    def factored(c: StepContext):
+      w = past_weights(c.memory, c.t)  # (n, M)
+      n, M = w.shape
+      mem = memory_grads.memory_factors(c)
+      S = (jnp.eye(n, dtype=w.dtype)[:, :, None] * w[None]).reshape(n, n * M)  # task k's slots
+      h = state.h[:n]
+      scales = example_scales(
+        c.params, assignments, h, jnp.repeat(jnp.arange(n), M), bias_once=config.bias_once
+      )
+      P, q = grouped_terms(c.params, mem, scales, S, memory_grads.batch_factors(c))
+      mask = past[:n]
+      if kind == "gem_grouped":
+        v, info = gem_dual(P, q, mask=mask, eps=eps, max_iter=max_iter)
+
+        def add_rows(_):
+          return jax.tree.map(jnp.add, g, grouped_row_sum(c.params, mem, scales, S, v))
+
+        g_new = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
+        return g_new, qp_stats(info.violated, info.projected, info.qp)
+      n_past = jnp.maximum(c.t, 1).astype(jnp.float32)
+      ref = grouped_row_sum(c.params, mem, scales, S, jnp.where(mask, 1.0 / n_past, 0.0))
+      if kind == "agem_grouped":
+        return conditional_projection(g, ref, None, c)
+      any_conflict = jnp.any((q < 0) & mask)  # agem_qp_grouped: GEM's per-task check
+      # The seed's averaged h: the mean over past tasks and non-empty groups. Each column of h
+      # has mean 1 + margin over the past tasks (`transform_relatedness`), so this is 1 + margin
+      # whatever the relatedness (until the first recompute of a task: plain rows, 1).
+      valid = mask[:, None, None] & group_mask(state)[None]
+      margin = jnp.sum(jnp.where(valid, h, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+      return one_row_qp(g, ref, margin, any_conflict, eps=eps, max_iter=max_iter)
+
+    return memory_grads.on_past_slots(factored, ctx)
+
+  def init(params, n_tasks):
+    n_classes = params["out"]["bias"].shape[0]
+    return grouped_init(config, n_tasks, n_hiddens, n_layers, n_classes)
+
+  def update(g, ctx: StepContext, state):
+    # the task statistics, with the current parameters; the projection reads the state before
+    acts, logits = hidden_activations(ctx.params, ctx.x)
+    extra = extra_vector(config, ctx.y, logits)
+    observed = observe(state, config, acts, extra, ctx.t, jax.random.fold_in(ctx.key, 1))
+    g_new, stats = when_past(ctx, lambda: project(g, ctx, state), g)
+    return g_new, stats, observed
+
+  def task_end(state, end: TaskEndContext):
+    return end_task(state, config, end.t, end.params, end.key)  # groups after task 0
+
+  return Rule(init=init, update=update, end_task=task_end, summary=lambda state: state.h)
