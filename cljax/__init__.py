@@ -10,8 +10,9 @@ Any `cljax.rules.Rule` runs in the same engine: `cljax.make_train(config, rule=.
 from cljax import rules, transforms
 from cljax.data import Dataset, Split, load_dataset
 from cljax.errors import CljaxError
-from cljax.grouped_state import GroupedConfig
-from cljax.groups import group_param_weights, make_groupings
+from cljax.grouped.groups import group_param_weights, make_groupings
+from cljax.grouped.relatedness import relatedness_divergence, von_neumann_divergence
+from cljax.grouped.state import GroupedConfig
 from cljax.metrics import format_seed_line, gem_stats, paper_stats
 from cljax.models import MLP, make_mlp, param_count
 from cljax.projections import (
@@ -27,7 +28,6 @@ from cljax.projections import (
   unravel_rows,
 )
 from cljax.qp import QPInfo, kkt_residuals, solve_box_qp
-from cljax.relatedness import relatedness_divergence, von_neumann_divergence
 from cljax.rules import HParams, Rule, StepContext
 from cljax.sweep import make_sweep
 from cljax.tasks import TaskStream, eval_set, make_stream, train_batch

@@ -53,13 +53,16 @@ def _dense_input(context: Any, args: tuple, kwargs: dict) -> jax.Array | None:
   return None
 
 
-def _names(key_path) -> tuple[str, ...]:
+def path_names(key_path) -> tuple[str, ...]:
+  """A pytree key path as a tuple of names, e.g. ("hidden_0", "kernel")."""
   return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path)
 
 
 def _dense_layers(params: PyTree) -> dict[Path, int]:
   """Path -> output width of every Dense layer in params; refuses any other parameter."""
-  leaves = [(_names(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
+  leaves = [
+    (path_names(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
   layers = {n[:-1]: leaf.shape[1] for n, leaf in leaves if n[-1] == "kernel" and leaf.ndim == 2}
   for n, _ in leaves:
     if n[:-1] not in layers or n[-1] not in ("kernel", "bias"):
@@ -115,7 +118,8 @@ def example_grads(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array)
   return ExampleGrads(inputs, deltas, losses)
 
 
-def _has_bias(params: PyTree, path: Path) -> bool:
+def has_bias(params: PyTree, path: Path) -> bool:
+  """Whether the layer at path (a tuple of names) has a bias."""
   node = params
   for key in path:
     node = node[key]
@@ -131,7 +135,7 @@ def gram(params: PyTree, a: ExampleGrads, b: ExampleGrads | None = None) -> jax.
   b = a if b is None else b
   terms = []
   for path, A in a.inputs.items():
-    inner = A @ b.inputs[path].T + (1.0 if _has_bias(params, path) else 0.0)
+    inner = A @ b.inputs[path].T + (1.0 if has_bias(params, path) else 0.0)
     terms.append(inner * (a.deltas[path] @ b.deltas[path].T))
   return sum(terms)
 
@@ -140,7 +144,7 @@ def weighted_grad(params: PyTree, eg: ExampleGrads, c: jax.Array) -> PyTree:
   """sum_i c_i grad l_i as a pytree like params: W_l = A_l' (c * D_l), b_l = D_l' c. c: (E,)."""
 
   def leaf(key_path, p):
-    *layer, name = _names(key_path)
+    *layer, name = path_names(key_path)
     A, D = eg.inputs[tuple(layer)], eg.deltas[tuple(layer)]
     cd = c[:, None].astype(D.dtype) * D
     return (A.T @ cd if name == "kernel" else jnp.sum(cd, axis=0)).astype(p.dtype)

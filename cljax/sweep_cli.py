@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import __main__ as cli
-from cljax import records, results, train
+from cljax import run_folder, sweep_folder, train
+from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.rules import registry
 from cljax.sweep import STRATEGIES, make_sweep, stack_streams
@@ -119,7 +119,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
   """`python -m cljax`'s flags plus the sweep's own."""
-  p = cli.build_parser()
+  p = setup.build_parser()
   p.prog = "cljax.sweep_cli"
   p.description = __doc__.split("\n\n")[0]
   g = p.add_argument_group("sweep flags")
@@ -189,7 +189,7 @@ def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> d
 
 def _title(args: argparse.Namespace) -> str:
   _, what = registry.describe(args.model, args.agem_ref)
-  rule = ", ".join(f"{n} {v}" for n, v in cli.name_parts(args).items() if v is not None)
+  rule = ", ".join(f"{n} {v}" for n, v in setup.name_parts(args).items() if v is not None)
   return f"{what}{' ' + rule if rule else ''} on {args.dataset} {args.protocol}"
 
 
@@ -198,16 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     parser_argv, grid = split_grid(argv)
-    args, notes = cli.parse_args(parser_argv, build_parser())
+    args, notes = setup.parse_args(parser_argv, build_parser())
     if args.seeds is not None and "seed" in args.given:
       raise CljaxError("give --seeds (a count or a list) or --seed, not both.")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
     for name in ("devices", "workers"):
       if getattr(args, name) is not None and getattr(args, name) < 1:
         raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    config = cli.train_config(args)
+    config = setup.train_config(args)
     settings = [
-      records.Setting(lr, ms)
+      sweep_folder.Setting(lr, ms)
       for lr, ms in itertools.product(
         grid.get("lr", [args.lr]), grid.get("memory_strength", [args.memory_strength])
       )
@@ -217,10 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except SystemExit as e:  # --help
     return int(e.code or 0)
   except CljaxError as e:
-    cli._error(e)
+    setup.error(e)
     return 2
   for message in notes:
-    cli._note(message)
+    setup.note(message)
   args.argv = argv
   use_cpu_devices(args.devices)  # before JAX starts (loading the data below starts it)
   if args.strategy is None:  # processes on a CPU; without a CPU-only JAX, one vmapped call
@@ -232,34 +232,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # make_sweep's check, before any data is loaded
       make_sweep(config, strategy=args.strategy, devices=jax.devices()[:n_devices])
     except CljaxError as e:
-      cli._error(e)
+      setup.error(e)
       return 2
 
   try:
-    data_path, note = cli._data_path(args)
+    data_path, note = setup.data_path_for(args)
     if note:
-      cli._note(note)
-    streams, source, directory, messages = cli._load_streams(args, data_path, seeds)
+      setup.note(note)
+    streams, source, directory, messages = setup.load_streams(args, data_path, seeds)
     for message in messages:
-      print(f"{cli._PROG}: warning: {message}", file=sys.stderr)
+      print(f"{setup.PROG}: warning: {message}", file=sys.stderr)
     train.schedule(config, streams[0])
-    base = results.run_name(
+    base = run_folder.run_name(
       args.model,
       args.dataset,
       args.protocol,
       0,
       agem_ref=args.agem_ref,
-      rule=cli.name_parts(args),
+      rule=setup.name_parts(args),
     ).rsplit("_seed", 1)[0]
     folder = args.sweep_dir or os.path.join(args.save_path, "sweeps", base)
-    fp = records.open_folder(folder, _fixed_settings(config, args, streams[0]))
+    fp = sweep_folder.open_folder(folder, _fixed_settings(config, args, streams[0]))
   except CljaxError as e:
-    cli._error(e)
+    setup.error(e)
     return 2
   stream_of = dict(zip(seeds, streams, strict=True))
-  finished, to_run, problems = records.plan(folder, settings, seeds, fp)
+  finished, to_run, problems = sweep_folder.plan(folder, settings, seeds, fp)
   for problem in problems:
-    cli._note(f"record not reused, running it again: {problem}")
+    setup.note(f"record not reused, running it again: {problem}")
   n_all = len(settings) * len(seeds)
   print(
     f"sweep of {args.model}: {len(settings)} setting(s) x {len(seeds)} seed(s) = {n_all} runs "
@@ -271,23 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = _run_processes(args, to_run, folder, fp)
   elif to_run:
     status = _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory)
-  plots = not args.no_plots and results.plotting_available()
-  rows, _ = records.write_summary(folder, fp, title=_title(args), plots=plots)
-  print(records.summary_markdown(rows, _title(args)))
+  plots = not args.no_plots and run_folder.plotting_available()
+  rows, _ = sweep_folder.write_summary(folder, fp, title=_title(args), plots=plots)
+  print(sweep_folder.summary_markdown(rows, _title(args)))
   print(f"sweep folder: {folder}")
   return status
 
 
 def _record(args, config, setting, seed, result, started, source, directory) -> dict[str, Any]:
-  """One run's record: `results.make_record` with the run's own seed and hyper-parameters."""
+  """One run's record: `run_folder.make_record` with the run's own seed and hyper-parameters."""
   settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds")}
   settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
-  return results.make_record(
+  return run_folder.make_record(
     result,
     dataclasses.replace(config, lr=setting.lr, memory_strength=setting.memory_strength),
     settings=settings,
     timings={"finished_after": round(time.perf_counter() - started, 3)},
-    device=results.device_info(),
+    device=run_folder.device_info(),
     stream={"source": source, "data_path": directory},
   )
 
@@ -303,10 +303,10 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages) -> None:
   _die_with_parent()
   parent = os.getppid()
   try:
-    args, _ = cli.parse_args(parser_argv, build_parser())
-    config = cli.train_config(args)
-    data_path, _ = cli._data_path(args)
-    streams, source, directory, _ = cli._load_streams(args, data_path, seeds)
+    args, _ = setup.parse_args(parser_argv, build_parser())
+    config = setup.train_config(args)
+    data_path, _ = setup.data_path_for(args)
+    streams, source, directory, _ = setup.load_streams(args, data_path, seeds)
     stream_of = dict(zip(seeds, streams, strict=True))
     run = jax.jit(train.make_train(config))
     started = time.perf_counter()
@@ -317,7 +317,7 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages) -> None:
       )
       result = jax.device_get(run(jax.random.key(seed), stream_of[seed], hp))
       record = _record(args, config, setting, seed, result, started, source, directory)
-      records.write_record(folder, record, setting, seed, fp)
+      sweep_folder.write_record(folder, record, setting, seed, fp)
       messages.put(("done", setting.name, seed, _final(record)))
   except BaseException as e:  # reported by the parent, which stops the sweep
     messages.put(("error", None, None, f"{type(e).__name__}: {e}"))
@@ -353,11 +353,11 @@ def _run_processes(args, to_run, folder, fp) -> int:
         kind, name, seed, what = messages.get(timeout=1.0)
       except queue.Empty:
         if not any(w.is_alive() for w in workers):
-          cli._error(f"the worker processes stopped after {done} of {len(to_run)} runs")
+          setup.error(f"the worker processes stopped after {done} of {len(to_run)} runs")
           return 2
         continue
       if kind == "error":
-        cli._error(f"a worker failed ({what}); {done} run(s) recorded in {folder}")
+        setup.error(f"a worker failed ({what}); {done} run(s) recorded in {folder}")
         return 2
       done += 1
       print(
@@ -385,7 +385,7 @@ def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory
     setting, seed = to_run[i]
     try:
       record = _record(args, config, setting, seed, result, start[0], source, directory)
-      records.write_record(folder, record, setting, seed, fp)
+      sweep_folder.write_record(folder, record, setting, seed, fp)
     except Exception as e:  # reported after the call; the other runs go on
       with lock:
         errors.append(f"{setting.name} seed {seed}: {type(e).__name__}: {e}")
@@ -410,7 +410,7 @@ def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory
   try:
     compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()
   except CljaxError as e:
-    cli._error(e)
+    setup.error(e)
     return 2
   print(
     f"compiled in {time.perf_counter() - t0:.1f} s; {len(to_run)} runs on {len(devices)} "
@@ -421,7 +421,7 @@ def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory
   jax.block_until_ready(compiled(keys, stacked, hparams))
   jax.effects_barrier()  # every on_run has returned
   if errors:
-    cli._error(
+    setup.error(
       f"{len(errors)} record(s) could not be written ({errors[0]}); the others are in {folder}"
     )
     return 2

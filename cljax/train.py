@@ -29,10 +29,10 @@ import optax
 
 from cljax import tasks
 from cljax.errors import CljaxError
-from cljax.grouped_state import GroupedConfig, check_sizes
+from cljax.grouped.state import GroupedConfig, check_sizes
 from cljax.memory import Memory, empty_memory, write_memory
 from cljax.memory_grads import MODES as MEMORY_GRADS
-from cljax.models import make_mlp
+from cljax.models import INIT_SCHEMES, make_mlp
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
 
@@ -43,6 +43,14 @@ AGEM_RULES = registry.AGEM_RULES
 REFERENCE_ROWS = tuple(agem.REFERENCES)
 TRIGGERS = tuple(agem.TRIGGERS)
 PROJECTIONS = tuple(agem.PROJECTIONS)
+
+
+def _flag(default: Any, help: str, **meta: Any) -> Any:
+  """A Config field whose default, help text (and choices) the command line takes as its flag's.
+
+  meta: flag (the flag's name when not the field's), gem (one of GEM's own flags), choices.
+  """
+  return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +81,7 @@ class Config:
       "per_task" (GEM's check: some <g, r_k> < 0). projection: "conditional" (the paper's
       g - min(0, <g, ref>) / |ref|^2 ref), "unconditional" (remove the ref component whatever its
       sign) or "qp" (GEM's dual QP on the one row: g + v ref, v >= memory_strength).
-    grouped: the grouped variants' settings (`cljax.grouped_state.GroupedConfig`): groups of
+    grouped: the grouped variants' settings (`cljax.grouped.state.GroupedConfig`): groups of
       hidden units formed after task 0, relatedness of tasks per group, and the rows' weights.
       gem_grouped: GEM's QP (margin 0) over the t grouped rows g_k * w_k; agem_grouped: the
       paper's conditional projection on their mean; agem_qp_grouped (the seed's attempt): that
@@ -88,32 +96,61 @@ class Config:
       Both compute the same numbers up to float rounding.
   """
 
-  variant: str = "agem_new"
-  batch_size: int = 1
-  lr: float = 0.01
-  n_memories: int = 10
-  memory_strength: float = 10.0
-  n_layers: int = 2
-  n_hiddens: int = 100
-  init: str = "gem"
-  agem_ref: str = "pooled"
-  replay_batch_size: int = 10
-  log_every: int = 100
-  eps: float = 1e-3
-  eval_batch_size: int = 2000
-  qp_max_iter: int = 1000
-  memory_grads: str = "factored"
-  reference_row: str | None = None
-  trigger: str | None = None
-  projection: str | None = None
+  variant: str = _flag("agem_new", "the rule", flag="model", gem=True)
+  batch_size: int = _flag(1, "examples per SGD step", gem=True)
+  lr: float = _flag(0.01, "SGD learning rate", gem=True)
+  n_memories: int = _flag(10, "memory slots per task", gem=True)
+  memory_strength: float = _flag(
+    10.0, "GEM's QP margin (gem, agem_old, agem_qp_mean, --projection qp)", gem=True
+  )
+  n_layers: int = _flag(2, "hidden layers of the MLP", gem=True)
+  n_hiddens: int = _flag(100, "units per hidden layer", gem=True)
+  init: str = _flag(
+    "gem",
+    "parameter init: gem (the GEM code's Xavier uniform), torch (nn.Linear's) or flax",
+    choices=INIT_SCHEMES,
+  )
+  agem_ref: str = _flag(
+    "pooled",
+    "agem's reference gradient: a sample of the pooled memory (the A-GEM paper) or the mean of "
+    "the per-task memory gradients",
+    choices=AGEM_REFS,
+  )
+  replay_batch_size: int = _flag(
+    10, "agem with --agem_ref pooled: examples sampled from the pooled memory", gem=True
+  )
+  log_every: int = _flag(
+    100, "evaluate all tasks every this many steps (0: at task ends only)", gem=True
+  )
+  eps: float = _flag(1e-3, "ridge on the QP's Gram matrix")
+  eval_batch_size: int = _flag(2000, "test examples per evaluation batch")
+  qp_max_iter: int = _flag(1000, "iteration cap of the QP solver")
+  memory_grads: str = _flag(
+    "factored",
+    "memory gradients from per-example factors (fast, the MLP) or one backward pass per past "
+    "task (explicit rows); the same numbers up to rounding",
+    choices=MEMORY_GRADS,
+  )
+  reference_row: str | None = _flag(
+    None,
+    "A-GEM family: the reference row, the mean or the sum of the per-task memory gradients "
+    "(default: the variant's preset, "
+    + ", ".join(f"{v} = {'/'.join(r)}" for v, r in AGEM_RULES.items())
+    + " as reference_row/trigger/projection)",
+    choices=REFERENCE_ROWS,
+  )
+  trigger: str | None = _flag(
+    None,
+    "A-GEM family: when g may change: <g, ref> < 0 (reference) or GEM's per-task check (per_task)",
+    choices=TRIGGERS,
+  )
+  projection: str | None = _flag(
+    None,
+    "A-GEM family: the paper's conditional projection, the unconditional removal of the ref "
+    "component, or GEM's QP on the one row (margin --memory_strength)",
+    choices=PROJECTIONS,
+  )
   grouped: GroupedConfig = dataclasses.field(default_factory=GroupedConfig)
-
-  @property
-  def agem_rule(self) -> tuple[str, str, str]:
-    """(reference_row, trigger, projection) of a task-mean A-GEM family run: preset + overrides."""
-    if self.variant not in AGEM_RULES:
-      return (self.reference_row, self.trigger, self.projection)
-    return registry.agem_pieces(self)
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
@@ -151,7 +188,7 @@ class Config:
         raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
     if not isinstance(self.grouped, GroupedConfig):
       raise CljaxError(
-        f"grouped must be a cljax.grouped_state.GroupedConfig, got {type(self.grouped).__name__}."
+        f"grouped must be a cljax.grouped.state.GroupedConfig, got {type(self.grouped).__name__}."
       )
     if self.variant in GROUPED_VARIANTS:
       if self.memory_grads != "factored":
@@ -185,7 +222,7 @@ class TrainState(NamedTuple):
   memory: Memory
   step: jax.Array  # () int32 global step count (all tasks)
   diverged: jax.Array  # () bool: parameters went non-finite; later steps are skipped
-  rule_state: Any = None  # the rule's state (grouped variants: `cljax.grouped_state.GroupedState`)
+  rule_state: Any = None  # the rule's state (grouped variants: `cljax.grouped.state.GroupedState`)
 
 
 class StepStats(NamedTuple):
@@ -225,7 +262,7 @@ class RunResult(NamedTuple):
   params: the final parameters.
   h: the rule's `summary` of its state at the end of each task t, stacked (None without one).
     Grouped variants: (T, T, L, G) the multipliers h in use (row k for past tasks k < t, zero
-    elsewhere; `cljax.grouped_state`).
+    elsewhere; `cljax.grouped.state`).
   """
 
   acc: jax.Array

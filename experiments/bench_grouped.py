@@ -1,4 +1,4 @@
-"""Grouped GEM's projection: factored rows (cljax.grouped_rows) against a dense construction.
+"""Grouped GEM's projection: factored rows (cljax.grouped.rows) against a dense construction.
 
 One projection of the grouped method at the last task of the seed's run: t = 9 past tasks with
 n_memories 10 each, an MLP 784-H-H-10 whose 2 hidden layers are split into G groups each, one
@@ -6,7 +6,7 @@ current example. Per past task i the constraint row is row_i = g_i * w_i (its me
 weighted through the unit-to-group index map by h[i]); GEM's dual QP over the t rows (margin 0,
 eps 1e-3) and g~ = g + sum_i v_i row_i.
 
-- factored: `grouped_rows.grouped_terms` / `grouped_row_sum` from per-example gradient factors,
+- factored: `grouped.rows.grouped_terms` / `grouped_row_sum` from per-example gradient factors,
   never a (rows, p) array.
 - dense: the research code's shape, the 1 + 2G group rows of every past task as a dense
   (t, 1 + 2G, p) array (`groups.dense_group_rows`), rows_i = their h-weighted sum, P = R R'.
@@ -44,8 +44,8 @@ def run_case(hidden: int, groups: int, method: str, repeats: int) -> dict:
   import numpy as np
 
   from cljax.example_grads import example_grads
-  from cljax.grouped_rows import example_scales, grouped_row_sum, grouped_terms
-  from cljax.groups import dense_group_rows, random_groups
+  from cljax.grouped.groups import dense_group_rows, random_groups
+  from cljax.grouped.rows import example_scales, grouped_row_sum, grouped_terms
   from cljax.models import make_mlp
   from cljax.projections import gem_dual
 
@@ -122,7 +122,7 @@ RECOMPUTE_CASES = [  # (label, GroupedConfig kwargs): the seed's H = 100, G = 20
 
 
 def recompute_rows(repeats: int) -> list[str]:
-  """One relatedness recompute (`grouped_state.relatedness_h`) at the seed's last task.
+  """One relatedness recompute (`grouped.state.relatedness_h`) at the seed's last task.
 
   T = 10 task slots, 9 past tasks, 2 hidden layers of 100 units: the (S + 1) x (S + 1)
   covariance and its activations block, of the current task per (layer, group) and of every
@@ -132,9 +132,9 @@ def recompute_rows(repeats: int) -> list[str]:
   import jax.numpy as jnp
   import numpy as np
 
-  from cljax.grouped_state import GroupedConfig, grouped_init, relatedness_h
-  from cljax.groups import random_groups
-  from cljax.relatedness import cov_from_buffer
+  from cljax.grouped.groups import random_groups
+  from cljax.grouped.relatedness import cov_from_buffer
+  from cljax.grouped.state import GroupedConfig, grouped_init, relatedness_h
 
   rows = []
   for label, kwargs in RECOMPUTE_CASES:
@@ -219,7 +219,7 @@ def main() -> None:
       print(lines[-1], flush=True)
   lines += [
     "",
-    "Relatedness recompute (`grouped_state.relatedness_h`, every cov_recompute_every = 20 steps): "
+    "Relatedness recompute (`grouped.state.relatedness_h`, every cov_recompute_every = 20 steps): "
     "T = 10 task slots at the last task, 2 hidden layers of 100 units; one batched eigh of 2 "
     "matrices per (layer, group) for the current task and 2 per (task slot, layer, group); "
     f"median of {args.repeats} calls, in this process.",
@@ -232,7 +232,7 @@ def main() -> None:
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
-    from cljax.results import write_atomic
+    from cljax.run_folder import write_atomic
 
     write_atomic(args.out, text.encode())
 

@@ -18,7 +18,7 @@ import quadprog  # noqa: E402
 
 from cljax.projections import gem_project, gem_terms  # noqa: E402
 from cljax.qp import kkt_residuals, solve_box_qp  # noqa: E402
-from cljax.results import write_atomic  # noqa: E402
+from cljax.run_folder import write_atomic  # noqa: E402
 
 P_MLP = 89_610  # parameters of the seed's MLP
 GEM_EPS = 1e-3  # the ridge of GEM's project2cone2

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import data, tasks
-from cljax.results import write_atomic
+from cljax.run_folder import write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
 # PyTorch GEM code on this kind of 2-core machine (torch 2.13 CPU, quadprog 0.1.14), seconds:

@@ -24,7 +24,7 @@ jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))  # before
 import jax.numpy as jnp  # noqa: E402
 
 from cljax import data, tasks  # noqa: E402
-from cljax.results import write_atomic  # noqa: E402
+from cljax.run_folder import write_atomic  # noqa: E402
 from cljax.sweep import grid_hparams, make_sweep, stack_streams  # noqa: E402
 from cljax.train import Config, default_hparams, make_train  # noqa: E402
 

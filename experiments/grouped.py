@@ -18,10 +18,10 @@ import os
 import subprocess
 import sys
 
-from which_agem import Row, bars_png, diff, fmt_diff, row_table, run_sweeps
+from sweep_rows import Row, bars_png, diff, fmt_diff, row_table, run_sweeps
 
-from cljax import records
-from cljax.results import write_atomic
+from cljax import sweep_folder
+from cljax.run_folder import write_atomic
 
 SEED_GROUPED = (
   "--num_groups",
@@ -129,7 +129,7 @@ def h_stats() -> list[dict]:
   import numpy as np
 
   from cljax import data, tasks, train
-  from cljax.grouped_state import GroupedConfig
+  from cljax.grouped.state import GroupedConfig
 
   stream = tasks.make_stream(
     data.load_dataset("fashion_mnist"),
@@ -168,7 +168,7 @@ def report(args: argparse.Namespace, peaks: dict[str, float], hs: list[dict]) ->
     f"2 ceil(100/20) = 10 units per group); seeds 0-{args.seeds - 1}, the same tasks, data order "
     "and initialisation in every row. Evaluation at task ends only.",
     "",
-    "The method (`cljax.train`, `cljax.grouped_state`): after task 0 the units of each hidden "
+    "The method (`cljax.train`, `cljax.grouped.state`): after task 0 the units of each hidden "
     "layer are grouped; per past task i the constraint row is the memory gradient g_i weighted "
     "by w_i: 1 on the first layer, h[i, l, k] on the next layer's weights that read group k of "
     "layer l, and on that layer's bias the sum of its groups' h (the research code's rows each "
@@ -188,7 +188,7 @@ def report(args: argparse.Namespace, peaks: dict[str, float], hs: list[dict]) ->
   ]
   for t in table.values():
     row, s = t["row"], t["summary"]
-    cells = [records.format_mean_std(s[m]) for m in (*records.METRICS, "projected")]
+    cells = [sweep_folder.format_mean_std(s[m]) for m in (*sweep_folder.METRICS, "projected")]
     diverged = f" ({s['diverged']} diverged)" if s["diverged"] else ""
     lines.append(
       f"| {row.label} | {row.parts} | {row.role} | {s['n']}{diverged} | " + " | ".join(cells) + " |"

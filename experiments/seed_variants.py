@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cljax import data, metrics, tasks
-from cljax.results import write_atomic
+from cljax.run_folder import write_atomic
 from cljax.train import Config, make_train
 
 SEED_NOTE = {  # printed in the seed note (PyTorch, seed 3)

@@ -13,32 +13,19 @@ matrices are too; only the intermediate curve points are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from typing import NamedTuple
 
 import numpy as np
+from sweep_rows import Row, bars_png, diff, fmt_diff, row_table, run_sweeps
 
-from cljax import records, sweep_cli
-from cljax.results import figure_png, write_atomic
+from cljax import sweep_folder
+from cljax.run_folder import figure_png, write_atomic
 
 SEED_NOTE = {  # the seed note's printed results (PyTorch, seed 3): Final, Backward, Forward
   "way1": (0.4992, -0.1820, 0.0152),
   "way2": (0.6100, -0.0781, 0.0161),
   "way3": (0.5804, -0.1134, 0.0081),
 }
-
-
-class Row(NamedTuple):
-  """One line of the report's table: a sweep's flags and grid point."""
-
-  key: str
-  label: str
-  flags: tuple[str, ...]  # python -m cljax flags (one sweep each)
-  memory_strength: float  # the row's grid point
-  parts: str  # (reference row, trigger, projection) in words
-  role: str  # what the row is or isolates
 
 
 MS = 10.0
@@ -181,63 +168,6 @@ unconditional removal under the per-task trigger (way 2).
 """
 
 
-def sweep_folder(runs_dir: str, row: Row) -> str:
-  return os.path.join(runs_dir, "_".join(f.lstrip("-") for f in row.flags))
-
-
-def run_sweeps(args: argparse.Namespace, rows: list[Row] = ROWS) -> None:
-  """One resumable sweep per distinct flag set; margin 0 and 10 share a compiled grid."""
-  grids: dict[tuple[str, ...], list[float]] = {}
-  for row in rows:
-    grids.setdefault(row.flags, [])
-    if row.memory_strength not in grids[row.flags]:
-      grids[row.flags].append(row.memory_strength)
-  for flags, margins in grids.items():
-    argv = [*flags, "--seeds", str(args.seeds), "--log_every", "0", "--no_plots"]
-    argv += ["--memory_strength", ",".join(f"{m:g}" for m in margins)]
-    argv += ["--sweep_dir", sweep_folder(args.runs_dir, rows[[r.flags for r in rows].index(flags)])]
-    print("\n$ python -m cljax.sweep_cli " + " ".join(argv), flush=True)
-    status = sweep_cli.main(argv + args.extra)
-    if status != 0:
-      sys.exit(status)
-
-
-def row_records(runs_dir: str, row: Row) -> list[dict]:
-  folder = sweep_folder(runs_dir, row)
-  with open(os.path.join(folder, records.SWEEP_JSON)) as f:
-    fp = json.load(f)["fingerprint"]
-  out = [
-    r
-    for r in records.folder_records(folder, fp)
-    if r["sweep"]["setting"]["memory_strength"] == row.memory_strength
-  ]
-  return sorted(out, key=lambda r: r["sweep"]["seed"])
-
-
-def diff(a: dict, b: dict, metric: str = "final") -> tuple[float, float]:
-  """(mean difference a - b, its standard error) of a metric over two rows' seeds."""
-  xa = np.array([r["gem_stats"][metric] for r in a["records"]])
-  xb = np.array([r["gem_stats"][metric] for r in b["records"]])
-  se = np.sqrt(xa.var(ddof=1) / len(xa) + xb.var(ddof=1) / len(xb))
-  return float(xa.mean() - xb.mean()), float(se)
-
-
-def fmt_diff(d: tuple[float, float]) -> str:
-  mean, se = d
-  verdict = "significant" if abs(mean) > 2 * se else "within noise"
-  return f"{mean:+.4f} +- {2 * se:.4f} (2 SE; {verdict})"
-
-
-def row_table(runs_dir: str, rows: list[Row]) -> tuple[dict[str, dict], int]:
-  """{row key: {row, records, summary}} and the smallest number of seeds of a row."""
-  table = {}
-  for row in rows:
-    recs = row_records(runs_dir, row)
-    (summary,) = records.summarize(recs)
-    table[row.key] = {"row": row, "records": recs, "summary": summary}
-  return table, min(t["summary"]["n"] for t in table.values())
-
-
 def report(args: argparse.Namespace) -> str:
   table, n = row_table(args.runs_dir, ROWS)
   lines = [
@@ -268,9 +198,9 @@ def report(args: argparse.Namespace) -> str:
     row, s = t["row"], t["summary"]
     by_seed = {r["sweep"]["seed"]: r["gem_stats"] for r in t["records"]}
     s3 = by_seed.get(3)
-    s3_text = " / ".join(f"{s3[m]:.4f}" for m in records.METRICS) if s3 else "-"
+    s3_text = " / ".join(f"{s3[m]:.4f}" for m in sweep_folder.METRICS) if s3 else "-"
     note = " / ".join(f"{x:.4f}" for x in SEED_NOTE[key]) if key in SEED_NOTE else "-"
-    cells = [records.format_mean_std(s[m]) for m in (*records.METRICS, "projected")]
+    cells = [sweep_folder.format_mean_std(s[m]) for m in (*sweep_folder.METRICS, "projected")]
     diverged = f" ({s['diverged']} diverged)" if s["diverged"] else ""
     lines.append(
       f"| {row.label} | {row.parts} | {row.role} | {s['n']}{diverged} | "
@@ -352,15 +282,6 @@ def conclusion(table: dict, n: int) -> list[str]:
   ]
 
 
-def bars_png(table: dict[str, dict], path: str) -> list[dict]:
-  """Writes the Final / Backward / Forward bars of a row table; returns its summaries."""
-  labels = [t["row"].label for t in table.values()]
-  rows = [t["summary"] for t in table.values()]
-  png = records.plot_bars(labels, rows, title="Final / Backward / Forward, mean +- std over seeds")
-  write_atomic(path, png)
-  return rows
-
-
 def plots(args: argparse.Namespace, out_dir: str) -> None:
   table, _ = row_table(args.runs_dir, ROWS)
   labels = [t["row"].label for t in table.values()]
@@ -392,7 +313,7 @@ def main() -> None:
   parser.add_argument("--report_only", action="store_true", help="do not run missing records")
   args, args.extra = parser.parse_known_args()
   if not args.report_only:
-    run_sweeps(args)
+    run_sweeps(args, ROWS)
   out_dir = os.path.dirname(os.path.abspath(args.out))
   os.makedirs(out_dir, exist_ok=True)
   plots(args, out_dir)

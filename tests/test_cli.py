@@ -1,4 +1,4 @@
-"""The command line (`python -m cljax`) and cljax.results: parsing, runs on tiny data, files."""
+"""The command line (`python -m cljax`) and cljax.run_folder: parsing, runs on tiny data, files."""
 
 import io
 import json
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cljax import __main__ as cli
-from cljax import data, results, train
+from cljax import data, run_folder, train
+from cljax import run_setup as setup
 from cljax.errors import CljaxError
 
 # The seed's command (end of its section 3), verbatim.
@@ -52,7 +53,7 @@ RECORD_KEYS = {
   "stream",
   "schedule",
 }
-PNGS = {results.MATRIX_PNG, results.CURVES_PNG}
+PNGS = {run_folder.MATRIX_PNG, run_folder.CURVES_PNG}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def printed_matrix(out, n_tasks):
 
 
 def load_record(folder):
-  with open(os.path.join(folder, results.RESULTS_JSON)) as f:
+  with open(os.path.join(folder, run_folder.RESULTS_JSON)) as f:
     return json.load(f, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
 
@@ -98,7 +99,7 @@ def one_error_line(err):
 
 
 def test_seed_command_parses_verbatim():
-  args, notes = cli.parse_args(SEED_ARGV)
+  args, notes = setup.parse_args(SEED_ARGV)
   assert args.model == "agem" and args.agem_ref == "pooled"  # the seed's "Agem"
   assert (args.dataset, args.protocol) == ("fashion_mnist", "permutations")  # from --data_file
   assert args.n_tasks == 10 and args.samples_per_task == 1000 and args.seed == 3
@@ -106,7 +107,7 @@ def test_seed_command_parses_verbatim():
   assert args.forgetting_mode is False and args.ewc_reverse is False
   assert args.forgetting_task_ids == [0, 5] and args.sign_attacked == -1.0
   assert args.divergence == "von_Neumann" and args.memories == 200 and args.beta == 0.03
-  cli.train_config(args)  # valid for the engine
+  setup.train_config(args)  # valid for the engine
 
   unused_notes = [n for n in notes if n.startswith("flags not used by")]
   assert len(unused_notes) == 1
@@ -114,14 +115,14 @@ def test_seed_command_parses_verbatim():
   assert note.startswith("flags not used by agem (--agem_ref pooled): --memory_strength, --beta, ")
   listed = note.split(": ", 1)[1].split(", ")
   assert len(listed) == len(set(listed))
-  grouped = {f"--{f}" for f in cli.GROUPED_FLAGS if f in args.given}  # agem has no groups
+  grouped = {f"--{f}" for f in setup.GROUPED_FLAGS if f in args.given}  # agem has no groups
   assert len(grouped) == 8
-  assert set(listed) == {"--memory_strength"} | {f"--{f}" for f in cli.SEED_ONLY_FLAGS} | grouped
+  assert set(listed) == {"--memory_strength"} | {f"--{f}" for f in setup.SEED_ONLY_FLAGS} | grouped
   assert any("fashion_mnist_permutations_reduced.pt is not read" in n for n in notes)
 
 
 def test_defaults_are_the_seeds_configuration():
-  args, notes = cli.parse_args([])
+  args, notes = setup.parse_args([])
   assert notes == [] and args.given == {}
   expected = dict(
     model="agem_new",
@@ -143,7 +144,7 @@ def test_defaults_are_the_seeds_configuration():
     source="auto",
   )
   assert {k: getattr(args, k) for k in expected} == expected
-  config = cli.train_config(args)
+  config = setup.train_config(args)
   assert (config.variant, config.lr, config.batch_size, config.log_every) == (
     "agem_new",
     0.01,
@@ -160,7 +161,7 @@ def test_defaults_are_the_seeds_configuration():
 
 def test_later_flags_override_and_unused_flags_are_listed_once():
   argv = ["--model", "single", "--beta", "1", "--n_memories", "3", "--beta", "2", "--lr=0.5"]
-  args, notes = cli.parse_args(argv)
+  args, notes = setup.parse_args(argv)
   assert args.beta == 2.0 and args.lr == 0.5
   assert notes == ["flags not used by single: --beta, --n_memories"]
 
@@ -180,16 +181,16 @@ def test_later_flags_override_and_unused_flags_are_listed_once():
 def test_unused_flags_per_variant(variant, ref, unused):
   given = ["--n_memories", "5", "--memory_strength", "1", "--replay_batch_size", "4"]
   given += ["--eps", "1e-4"]
-  args, _ = cli.parse_args(["--model", variant, *given, "--agem_ref", ref])
+  args, _ = setup.parse_args(["--model", variant, *given, "--agem_ref", ref])
   expected = unused + (["--agem_ref"] if variant != "agem" else [])
-  assert cli.unused_flags(args) == expected
+  assert setup.unused_flags(args) == expected
 
 
 @pytest.mark.parametrize(
   "name,variant", [("Agem", "agem"), ("GEM", "gem"), ("AGEM_New", "agem_new")]
 )
 def test_model_names_are_case_insensitive(name, variant):
-  assert cli.parse_args(["--model", name])[0].model == variant
+  assert setup.parse_args(["--model", name])[0].model == variant
 
 
 @pytest.mark.parametrize(
@@ -206,14 +207,14 @@ def test_model_names_are_case_insensitive(name, variant):
   ],
 )
 def test_data_file_sets_dataset_and_protocol_unless_given(argv, dataset, protocol):
-  args, notes = cli.parse_args(argv)
+  args, notes = setup.parse_args(argv)
   assert (args.dataset, args.protocol) == (dataset, protocol)
   assert len(notes) == 1 and "is not read" in notes[0]
 
 
 def test_data_file_that_names_nothing_is_an_error():
   with pytest.raises(CljaxError, match="cannot tell the dataset and protocol from --data_file"):
-    cli.parse_args(["--data_file", "cifar100.pt"])
+    setup.parse_args(["--data_file", "cifar100.pt"])
 
 
 def test_help(capsys):
@@ -317,7 +318,7 @@ def single_run(tiny_data, tmp_path_factory):
   out, err = io.StringIO(), io.StringIO()
   with redirect_stdout(out), redirect_stderr(err):
     status = cli.main(argv)
-  folder = os.path.join(save, results.run_name("single", "fashion_mnist", "permutations", 3))
+  folder = os.path.join(save, run_folder.run_name("single", "fashion_mnist", "permutations", 3))
   return argv, folder, status, out.getvalue(), err.getvalue()
 
 
@@ -343,7 +344,7 @@ def test_single_run_prints_progress_the_seed_line_and_wall_time(single_run):
 def test_single_run_writes_results_json_and_pngs(single_run):
   argv, folder, status, out, _ = single_run
   assert status == 0
-  assert sorted(os.listdir(folder)) == sorted({results.RESULTS_JSON} | PNGS)  # no temp files
+  assert sorted(os.listdir(folder)) == sorted({run_folder.RESULTS_JSON} | PNGS)  # no temp files
   for png in PNGS:
     with open(os.path.join(folder, png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -366,7 +367,7 @@ def test_single_run_writes_results_json_and_pngs(single_run):
   assert set(record["gem_stats"]) == {"final", "backward", "forward"}
   assert set(record["paper_stats"]) == {"acc", "bwt", "fwt", "forgetting"}
   assert math.isclose(record["gem_stats"]["final"], R[-1].mean(), abs_tol=1e-6)
-  assert set(record["versions"]) == {"python", *results.PACKAGES}
+  assert set(record["versions"]) == {"python", *run_folder.PACKAGES}
   assert record["versions"]["cljax"] is not None
   assert set(record["timings"]) == {"data_load", "compile", "run", "total"}
   assert all(v >= 0 for v in record["timings"].values())
@@ -385,7 +386,7 @@ def test_same_seed_same_matrix_and_rerun_overwrites(single_run, capsys):
   status, out, _ = run_cli(capsys, argv)  # the same command again, into the same folder
   assert status == 0
   second = load_record(folder)
-  assert sorted(os.listdir(folder)) == sorted({results.RESULTS_JSON} | PNGS)
+  assert sorted(os.listdir(folder)) == sorted({run_folder.RESULTS_JSON} | PNGS)
   for key in ("matrix", "baseline", "curves", "counters", "seed_line"):
     assert second[key] == first[key], key
   np.testing.assert_allclose(printed_matrix(out, N_TASKS), first["matrix"], atol=5e-5)
@@ -401,7 +402,7 @@ def test_gem_run(tiny_data, tmp_path, capsys):
     "cljax: warning: samples_per_task=1000 exceeds the 200 examples available; using 200\n"
   )
   folder = tmp_path / "gem_fashion_mnist_permutations_seed3"
-  assert sorted(os.listdir(folder)) == sorted({results.RESULTS_JSON} | PNGS)
+  assert sorted(os.listdir(folder)) == sorted({run_folder.RESULTS_JSON} | PNGS)
   record = load_record(folder)
   np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
   counters = record["counters"]
@@ -425,8 +426,8 @@ def test_other_variants_run_without_plots(tiny_data, tmp_path, capsys, variant, 
   argv = tiny_argv(tiny_data, tmp_path, variant, "--n_tasks", "2", "--agem_ref", ref)
   status, out, err = run_cli(capsys, [*argv, "--no_plots"])
   assert status == 0, err
-  folder = tmp_path / results.run_name(variant, "fashion_mnist", "permutations", 3, agem_ref=ref)
-  assert os.listdir(folder) == [results.RESULTS_JSON]
+  folder = tmp_path / run_folder.run_name(variant, "fashion_mnist", "permutations", 3, agem_ref=ref)
+  assert os.listdir(folder) == [run_folder.RESULTS_JSON]
   record = load_record(folder)
   assert record["train_config"]["variant"] == variant
   assert record["train_config"]["agem_ref"] == ref and record["finite"] == [True, True]
@@ -447,8 +448,8 @@ def test_grouped_run_names_its_settings_and_records_them(tiny_data, tmp_path, ca
   assert grouped["cov_first_task_buffer"] == 20 and record["finite"] == [True, True]
   np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
   # one unit per group: --num_groups follows --n_hiddens
-  args, _ = cli.parse_args(["--model", "agem_grouped", "--create_group_per_unit", "True"])
-  assert cli.train_config(args).grouped.num_groups == 100
+  args, _ = setup.parse_args(["--model", "agem_grouped", "--create_group_per_unit", "True"])
+  assert setup.train_config(args).grouped.num_groups == 100
 
 
 def test_divergence_keeps_results_and_exits_1(tiny_data, tmp_path, capsys, monkeypatch):
@@ -463,53 +464,53 @@ def test_divergence_keeps_results_and_exits_1(tiny_data, tmp_path, capsys, monke
   )
   assert "cljax: note: matplotlib is not installed (pip install 'cljax[plot]')" in err
   assert f"results: {folder}" in out and "Final Accuracy:" in out
-  assert os.listdir(folder) == [results.RESULTS_JSON]
+  assert os.listdir(folder) == [run_folder.RESULTS_JSON]
   record = load_record(folder)
   assert record["diverged_at_task"] == 0 and record["finite"] == [False] * N_TASKS
   assert record["counters"]["steps"][1:] == [0, 0]
 
 
-# --- cljax.results without a run ------------------------------------------------------------------
+# --- cljax.run_folder without a run ---------------------------------------------------------------
 
 
 def test_divergence_message_names_the_tasks():
-  assert "task 1 was not trained; " in cli._divergence_message(0, 2, "gem", "f")
-  last = cli._divergence_message(4, 5, "gem", "f")
+  assert "task 1 was not trained; " in setup.divergence_message(0, 2, "gem", "f")
+  last = setup.divergence_message(4, 5, "gem", "f")
   assert "not trained" not in last and last.endswith("try a lower --lr or --memory_strength")
 
 
 def test_run_name():
-  assert results.run_name("gem", "mnist", "rotations", 1) == "gem_mnist_rotations_seed1"
-  assert results.run_name("agem", "mnist", "rotations", 1, agem_ref="task_mean") == (
+  assert run_folder.run_name("gem", "mnist", "rotations", 1) == "gem_mnist_rotations_seed1"
+  assert run_folder.run_name("agem", "mnist", "rotations", 1, agem_ref="task_mean") == (
     "agem_task_mean_mnist_rotations_seed1"
   )
-  assert results.run_name("agem_new", "mnist", "rotations", 1, agem_ref="pooled") == (
+  assert run_folder.run_name("agem_new", "mnist", "rotations", 1, agem_ref="pooled") == (
     "agem_new_mnist_rotations_seed1"
   )
 
 
 def test_dumps_is_strict_json_with_null_for_non_finite():
-  record = results._jsonable(
+  record = run_folder._jsonable(
     {"m": np.float32([[0.7113, np.nan], [np.inf, 1.0]]), "n": np.int32(3), "b": np.bool_(True)}
   )
-  text = results.dumps(record)
+  text = run_folder.dumps(record)
   assert json.loads(text) == {"m": [[0.7113, None], [None, 1.0]], "n": 3, "b": True}
   assert "[0.7113, null]" in text  # rows of numbers on one line
 
 
 def test_write_atomic_replaces_and_cleans_up(tmp_path):
   path = tmp_path / "results.json"
-  results.write_atomic(path, b"old")
-  results.write_atomic(path, b"new")
+  run_folder.write_atomic(path, b"old")
+  run_folder.write_atomic(path, b"new")
   assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["results.json"]
   with pytest.raises(TypeError):
-    results.write_atomic(path, "not bytes")
+    run_folder.write_atomic(path, "not bytes")
   assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["results.json"]
 
 
 def test_plots_are_pngs():
   R = np.random.default_rng(0).uniform(size=(4, 4))
-  assert results.plot_matrix(R).startswith(b"\x89PNG")
+  assert run_folder.plot_matrix(R).startswith(b"\x89PNG")
   curve = np.random.default_rng(1).uniform(size=(4, 2, 4))
   steps = np.arange(1, 9).reshape(4, 2) * 5
-  assert results.plot_curves(curve, steps, R[0]).startswith(b"\x89PNG")
+  assert run_folder.plot_curves(curve, steps, R[0]).startswith(b"\x89PNG")

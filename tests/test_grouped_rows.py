@@ -1,4 +1,4 @@
-"""cljax.grouped_rows against Grouped GEM's rows formed densely (jax.grad, group_param_weights)."""
+"""cljax.grouped.rows against Grouped GEM's rows formed densely (jax.grad, group_param_weights)."""
 
 import functools
 
@@ -14,7 +14,8 @@ from numerics import sum_atol
 
 from cljax.errors import CljaxError
 from cljax.example_grads import example_grads, gram, weighted_grad
-from cljax.grouped_rows import (
+from cljax.grouped.groups import group_param_weights
+from cljax.grouped.rows import (
   example_scales,
   grouped_row_sum,
   grouped_terms,
@@ -22,7 +23,6 @@ from cljax.grouped_rows import (
   scaled_gram,
   scaled_weighted_grad,
 )
-from cljax.groups import group_param_weights
 from cljax.models import make_mlp
 
 T, M, G, B = 3, 4, 3, 5  # tasks, memory slots per task, groups, current batch size

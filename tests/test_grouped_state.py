@@ -1,4 +1,4 @@
-"""cljax.grouped_state: a small jitted fake run against numpy covariances and direct formulas."""
+"""cljax.grouped.state: a small jitted fake run against numpy covariances and direct formulas."""
 
 import functools
 
@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from cljax.errors import CljaxError
-from cljax.grouped_state import (
+from cljax.grouped.groups import group_sizes, make_groupings
+from cljax.grouped.relatedness import (
+  relatedness_divergence,
+  relatedness_weights,
+  transform_relatedness,
+)
+from cljax.grouped.state import (
   GroupedConfig,
   end_task,
   extra_vector,
@@ -17,13 +23,7 @@ from cljax.grouped_state import (
   max_group_size,
   observe,
 )
-from cljax.groups import group_sizes, make_groupings
 from cljax.models import make_mlp
-from cljax.relatedness import (
-  relatedness_divergence,
-  relatedness_weights,
-  transform_relatedness,
-)
 
 T, L, H, G, C, D = 3, 2, 6, 3, 4, 5  # tasks, hidden layers, units, groups, classes, inputs
 S_CLUSTER = 4  # the default cap of a cluster group, min(H, 2 ceil(H / G))

@@ -13,7 +13,7 @@ import pytest
 from numerics import assert_trees_close_after
 
 from cljax.errors import CljaxError
-from cljax.grouped_state import GroupedConfig
+from cljax.grouped.state import GroupedConfig
 from cljax.train import GROUPED_VARIANTS, Config, HParams, make_train
 
 N_TASKS, SAMPLES, TEST, HIDDEN = 3, 100, 200, 20
@@ -166,7 +166,7 @@ def test_one_compile_for_seeds_and_hyper_parameters(stream):
       dict(variant="gem_grouped", grouped=GroupedConfig(num_groups=4, cluster_max_size=2)),
       r"= \[5, 20\]",
     ),
-    (dict(variant="gem_grouped", grouped={"num_groups": 4}), "must be a cljax.grouped_state"),
+    (dict(variant="gem_grouped", grouped={"num_groups": 4}), "must be a cljax.grouped.state"),
   ],
 )
 def test_bad_config(kwargs, match):

@@ -1,4 +1,4 @@
-"""cljax.groups: groupings, and the per-parameter weights against the dense group rows."""
+"""cljax.grouped.groups: groupings, and the per-parameter weights against the dense group rows."""
 
 import itertools
 
@@ -9,7 +9,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from cljax.errors import CljaxError
-from cljax.groups import (
+from cljax.grouped.groups import (
   cluster_groups,
   dense_group_rows,
   group_param_weights,

@@ -1,4 +1,4 @@
-"""cljax.relatedness against scipy's logm (float64), np.cov and numpy transcriptions."""
+"""cljax.grouped.relatedness against scipy's logm (float64), np.cov and numpy transcriptions."""
 
 import itertools
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cljax.errors import CljaxError
-from cljax.relatedness import (
+from cljax.grouped.relatedness import (
   cov_from_buffer,
   cov_init,
   cov_update,

@@ -8,7 +8,7 @@ from numerics import assert_trees_close_after
 
 from cljax import tasks
 from cljax.errors import CljaxError
-from cljax.grouped_state import GroupedConfig
+from cljax.grouped.state import GroupedConfig
 from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, HParams, make_train
 

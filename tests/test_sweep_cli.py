@@ -1,4 +1,4 @@
-"""Sweeps from the command line (cljax.sweep_cli) and their records (cljax.records).
+"""Sweeps from the command line (cljax.sweep_cli) and their records (cljax.sweep_folder).
 
 The sweeps run in subprocesses, so that JAX starts there with two host CPU devices (the runs are
 split across them); the plain runs they are compared with run in this process.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cljax import __main__ as cli
-from cljax import records, results, sweep_cli
+from cljax import run_folder, sweep_cli, sweep_folder
 from cljax.errors import CljaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +59,12 @@ def sweep(argv, **kw):
 
 
 def run_files(folder):
-  runs = os.path.join(folder, records.RUNS_DIR)
+  runs = os.path.join(folder, sweep_folder.RUNS_DIR)
   return sorted(n for n in os.listdir(runs) if n.endswith(".json"))
 
 
 def load(folder, name):
-  with open(os.path.join(folder, records.RUNS_DIR, name)) as f:
+  with open(os.path.join(folder, sweep_folder.RUNS_DIR, name)) as f:
     return json.load(f)
 
 
@@ -82,8 +82,8 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   for lr, seed in (("0.01", 1), ("0.05", 0)):
     plain_argv = flags(tiny_data, tmp_path / "plain", "--seed", str(seed), "--lr", lr)
     assert cli.main(plain_argv) == 0
-    name = results.run_name("gem", "fashion_mnist", "permutations", seed)
-    with open(tmp_path / "plain" / name / results.RESULTS_JSON) as f:
+    name = run_folder.run_name("gem", "fashion_mnist", "permutations", seed)
+    with open(tmp_path / "plain" / name / run_folder.RESULTS_JSON) as f:
       plain = json.load(f)
     record = first[f"lr{lr}_ms0.5_seed{seed}.json"]
     assert record["matrix"] == plain["matrix"]
@@ -91,17 +91,17 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   assert first[names[0]]["matrix"] != first[names[1]]["matrix"]  # the seeds differ
 
   # Damage three records: remove one, truncate one, edit a number in one; keep the fourth.
-  kept = os.path.join(folder, records.RUNS_DIR, names[3])
+  kept = os.path.join(folder, sweep_folder.RUNS_DIR, names[3])
   kept_mtime = os.stat(kept).st_mtime_ns
-  os.remove(os.path.join(folder, records.RUNS_DIR, names[0]))
-  path = os.path.join(folder, records.RUNS_DIR, names[1])
+  os.remove(os.path.join(folder, sweep_folder.RUNS_DIR, names[0]))
+  path = os.path.join(folder, sweep_folder.RUNS_DIR, names[1])
   with open(path, "rb") as f:
     head = f.read(200)
   with open(path, "wb") as f:
     f.write(head)
   edited = load(folder, names[2])
   edited["gem_stats"]["final"] = 0.99
-  with open(os.path.join(folder, records.RUNS_DIR, names[2]), "w") as f:
+  with open(os.path.join(folder, sweep_folder.RUNS_DIR, names[2]), "w") as f:
     json.dump(edited, f)
 
   again = sweep(argv)
@@ -113,13 +113,13 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   for name in names:  # same seed, same result
     assert load(folder, name) | volatile == first[name] | volatile
 
-  with open(os.path.join(folder, records.SUMMARY_JSON)) as f:
+  with open(os.path.join(folder, sweep_folder.SUMMARY_JSON)) as f:
     summary = json.load(f)
   assert [r["n"] for r in summary["rows"]] == [2, 2]
   finals = [first[n]["gem_stats"]["final"] for n in names[:2]]
   assert summary["rows"][0]["final"]["mean"] == pytest.approx(np.mean(finals))
   assert summary["rows"][0]["final"]["std"] == pytest.approx(np.std(finals, ddof=1))
-  with open(os.path.join(folder, records.SUMMARY_MD)) as f:
+  with open(os.path.join(folder, sweep_folder.SUMMARY_MD)) as f:
     assert "| 0.01 | 0.5 | 2 |" in f.read()
 
   # The same folder with other fixed settings is refused, naming the difference.
@@ -168,7 +168,9 @@ def test_a_killed_sweep_resumes_with_the_missing_records(tiny_data, tmp_path):
   assert resumed.returncode == 0, resumed.stderr
   assert f"{len(written)} already recorded, {8 - len(written)} to run" in resumed.stdout
   assert len(run_files(folder)) == 8
-  leftovers = [n for n in os.listdir(os.path.join(folder, records.RUNS_DIR)) if n.endswith(".tmp")]
+  leftovers = [
+    n for n in os.listdir(os.path.join(folder, sweep_folder.RUNS_DIR)) if n.endswith(".tmp")
+  ]
   assert not leftovers or all(n.startswith(".") for n in leftovers)
 
 
@@ -213,25 +215,27 @@ def test_split_grid_and_seeds():
 
 def test_records_roundtrip_and_reject_foreign_or_damaged(tmp_path):
   fixed = {"variant": "gem", "n_tasks": 2}
-  fp = records.open_folder(tmp_path, fixed)
-  assert records.open_folder(tmp_path, fixed) == fp
+  fp = sweep_folder.open_folder(tmp_path, fixed)
+  assert sweep_folder.open_folder(tmp_path, fixed) == fp
   with pytest.raises(CljaxError, match="n_tasks: 2 -> 3"):
-    records.open_folder(tmp_path, {**fixed, "n_tasks": 3})
-  setting = records.Setting(0.01, 10.0)
+    sweep_folder.open_folder(tmp_path, {**fixed, "n_tasks": 3})
+  setting = sweep_folder.Setting(0.01, 10.0)
   record = {
     "matrix": [[0.5, 0.1], [0.4, 0.6]],
     "gem_stats": {"final": 0.5, "backward": -0.1, "forward": 0.0},
     "counters": {"steps": [3, 3], "projections": [0, 2]},
     "diverged_at_task": None,
   }
-  records.write_record(tmp_path, record, setting, 1, fp)
-  loaded, problem = records.load_record(tmp_path, setting, 1, fp)
+  sweep_folder.write_record(tmp_path, record, setting, 1, fp)
+  loaded, problem = sweep_folder.load_record(tmp_path, setting, 1, fp)
   assert problem is None and loaded["matrix"] == record["matrix"]
-  assert records.projected_fraction(loaded) == pytest.approx(2 / 3)
-  _, problem = records.load_record(tmp_path, setting, 1, "0" * 16)
+  assert sweep_folder.projected_fraction(loaded) == pytest.approx(2 / 3)
+  _, problem = sweep_folder.load_record(tmp_path, setting, 1, "0" * 16)
   assert "made for" in problem
   # A record copied under another seed's name is not reused for that seed.
-  os.replace(records.record_path(tmp_path, setting, 1), records.record_path(tmp_path, setting, 2))
-  assert records.load_record(tmp_path, setting, 2, fp)[0] is None
-  finished, to_run, problems = records.plan(tmp_path, [setting], [1, 2], fp)
+  os.replace(
+    sweep_folder.record_path(tmp_path, setting, 1), sweep_folder.record_path(tmp_path, setting, 2)
+  )
+  assert sweep_folder.load_record(tmp_path, setting, 2, fp)[0] is None
+  finished, to_run, problems = sweep_folder.plan(tmp_path, [setting], [1, 2], fp)
   assert finished == [] and to_run == [(setting, 1), (setting, 2)] and len(problems) == 1

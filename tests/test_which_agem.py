@@ -14,7 +14,7 @@ import numerics
 import numpy as np
 import pytest
 
-from cljax import __main__ as cli
+from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.projections import agem_project, gem_project, project_orthogonal
 from cljax.train import AGEM_RULES, Config
@@ -218,6 +218,6 @@ def test_rule_overrides_refuse_what_means_nothing(kw, message):
 
 
 def test_a_qp_override_makes_memory_strength_used():
-  assert "memory_strength" in cli.unused_dests("agem_new", "pooled")
-  assert "memory_strength" not in cli.unused_dests("agem_new", "pooled", "qp")
-  assert "memory_strength" in cli.unused_dests("agem_qp_mean", "pooled", "conditional")
+  assert "memory_strength" in setup.unused_dests("agem_new", "pooled")
+  assert "memory_strength" not in setup.unused_dests("agem_new", "pooled", "qp")
+  assert "memory_strength" in setup.unused_dests("agem_qp_mean", "pooled", "conditional")

@@ -1,10 +1,10 @@
 """The grouped variants: GEM's rows split by groups of hidden units, weighted by task relatedness.
 
 Row k is g_k * w_k: task k's memory gradient with each group's weights scaled by the multiplier
-h[k, layer, group] (`cljax.grouped_state`: groups formed after task 0, relatedness of the tasks'
+h[k, layer, group] (`cljax.grouped.state`: groups formed after task 0, relatedness of the tasks'
 covariances per group). The rows are never formed: their Gram matrix, their dots with g and their
 weighted sums come from the memory examples' gradient factors with per-example input scales
-(`cljax.grouped_rows`). The rule's state is the `GroupedState`, observed at every step (with the
+(`cljax.grouped.rows`). The rule's state is the `GroupedState`, observed at every step (with the
 current parameters) and frozen at each task end.
 
 - gem_grouped: GEM's QP (margin 0) over the t grouped rows;
@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from cljax import memory_grads
-from cljax.grouped_rows import example_scales, grouped_row_sum, grouped_terms
-from cljax.grouped_state import (
+from cljax.grouped.rows import example_scales, grouped_row_sum, grouped_terms
+from cljax.grouped.state import (
   GroupedConfig,
   end_task,
   extra_vector,

@@ -106,7 +106,7 @@ def cluster_groups(
        has room: the (unit, centre) pairs are taken in increasing distance (ties: lower unit, then
        lower centre) and a pair is kept when its unit is unplaced and its group holds fewer than
        max_size units. Every group then has at most max_size units, which bounds the padded
-       group size S of the relatedness statistics (`cljax.relatedness.group_vectors`).
+       group size S of the relatedness statistics (`relatedness.group_vectors`).
   Squared Euclidean distances, no feature scaling. Without max_size, units with identical vectors
   always share a group, so with fewer than G distinct vectors some groups stay empty ("about" G
   groups); the caller masks empty groups (`group_sizes`). Non-finite weights are treated as 0.
@@ -207,7 +207,7 @@ def group_sizes(assignment: jax.Array, num_groups: int) -> jax.Array:
 # The MLP's layers.
 
 
-def _mlp_layers(params: PyTree) -> list[str]:
+def mlp_layers(params: PyTree) -> list[str]:
   """Layer names [hidden_0, ..., hidden_{L-1}, out] of a cljax MLP params tree; else CljaxError."""
   if not isinstance(params, Mapping):
     raise CljaxError(f"params must be an MLP's params dict, got {type(params).__name__}.")
@@ -238,9 +238,10 @@ def _mlp_layers(params: PyTree) -> list[str]:
   return names
 
 
-def _check_assignments(
+def check_assignments(
   names: list[str], params: PyTree, assignments: Sequence[jax.Array], num_groups: int
 ) -> list[jax.Array]:
+  """The assignments as int32 arrays, one (H_l,) per hidden layer, in [0, num_groups)."""
   n_hidden = len(names) - 1
   if isinstance(assignments, jax.Array | np.ndarray) or len(assignments) != n_hidden:
     got = len(assignments) if isinstance(assignments, Sequence) else type(assignments).__name__
@@ -268,7 +269,7 @@ def _check_assignments(
 
 def hidden_unit_weights(params: PyTree) -> list[jax.Array]:
   """Each hidden layer's unit vectors: for hidden_l, (H_l, in_l + 1) = [kernel[:, j], bias[j]]."""
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   return [
     jnp.concatenate([params[n]["kernel"].T, params[n]["bias"][:, None]], axis=1) for n in names[:-1]
   ]
@@ -289,7 +290,7 @@ def make_groupings(
   num_groups must then be the widest layer's size, so h is (L, G)), or "cluster" (`cluster_groups`
   of `hidden_unit_weights`, iters Lloyd iterations, at most max_size units per group).
   """
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   widths = [int(np.shape(params[n]["bias"])[0]) for n in names[:-1]]
   if method not in GROUPING_METHODS:
     raise CljaxError(f"method must be one of {GROUPING_METHODS}, got {method!r}.")
@@ -329,20 +330,20 @@ def group_param_weights(
     params: an MLP's params (or a gradient of them): {"hidden_0", ..., "out"}; only shapes and
       dtypes are read.
     assignments: one (H_l,) int array per hidden layer, values in [0, G).
-    h: (L, G) multipliers of one past task (`cljax.relatedness.transform_relatedness`); vmap over
+    h: (L, G) multipliers of one past task (`relatedness.transform_relatedness`); vmap over
       a leading task axis for all of them.
     bias_once: count the biases of layers 1..L once (weight 1), not once per non-empty group.
 
   Returns:
     A pytree like params, each leaf in that leaf's dtype.
   """
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   h = jnp.asarray(h)
   n_hidden = len(names) - 1
   if h.ndim != 2 or h.shape[0] != n_hidden:
     raise CljaxError(f"h must have shape (L, G) with L = {n_hidden} hidden layers, got {h.shape}.")
   num_groups = h.shape[1]
-  assignments = _check_assignments(names, params, assignments, num_groups)
+  assignments = check_assignments(names, params, assignments, num_groups)
   first = params[names[0]]
   weights = {names[0]: jax.tree.map(lambda p: jnp.ones(np.shape(p), p.dtype), first)}
   for li, a in enumerate(assignments):
@@ -387,10 +388,10 @@ def dense_group_rows(
   Returns:
     (1 + L G, p) array in ravel_pytree's dtype.
   """
-  names = _mlp_layers(grad)
+  names = mlp_layers(grad)
   if not is_int(num_groups) or num_groups < 1:
     raise CljaxError(f"num_groups must be an int >= 1, got {num_groups!r}.")
-  assignments = _check_assignments(names, grad, assignments, num_groups)
+  assignments = check_assignments(names, grad, assignments, num_groups)
   n_hidden = len(names) - 1
   n_rows = 1 + n_hidden * num_groups
   leaves = jax.tree.leaves(grad)

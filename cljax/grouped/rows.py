@@ -2,7 +2,7 @@
 
 Past task i's Grouped GEM row is row_i = g_i * w_i (elementwise), with g_i = sum_e S_ie grad l_e
 its memory gradient (S: (T, E) weights over E memory examples) and w_i =
-`cljax.groups.group_param_weights(params, assignments, h[i])`: 1 on hidden_0; h[i, l,
+`cljax.grouped.groups.group_param_weights(params, assignments, h[i])`: 1 on hidden_0; h[i, l,
 assignment_l[j]] on kernel row j of layer l+1 (the layer that reads hidden layer l); beta_{i,l} =
 sum_k h[i, l, k] over the non-empty groups k (or 1 with bias_once) on layer l+1's bias.
 
@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.errors import CljaxError, concrete_value
-from cljax.example_grads import ExampleGrads, Path, _has_bias, _names
-from cljax.groups import _check_assignments, _mlp_layers, group_sizes
+from cljax.example_grads import ExampleGrads, Path, has_bias, path_names
+from cljax.grouped.groups import check_assignments, group_sizes, mlp_layers
 
 PyTree = Any
 
@@ -72,7 +72,7 @@ def example_scales(
   Args:
     params: a cljax MLP's params (only shapes are read).
     assignments: one (H_l,) int array per hidden layer, values in [0, G).
-    h: (T, L, G) multipliers of the past tasks (`cljax.relatedness.transform_relatedness`).
+    h: (T, L, G) multipliers of the past tasks (`cljax.grouped.relatedness.transform_relatedness`).
     task_of_example: (E,) int, the task of each memory example (e.g. jnp.repeat(jnp.arange(T), M)
       for a (T, M) memory flattened task by task).
     bias_once: as `group_param_weights`.
@@ -80,7 +80,7 @@ def example_scales(
   Returns:
     Scales keyed by the Dense paths ("hidden_1",), ..., ("out",), in h's float dtype (>= float32).
   """
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   n_hidden = len(names) - 1
   h = jnp.asarray(h)
   if h.ndim != 3 or h.shape[1] != n_hidden:
@@ -88,7 +88,7 @@ def example_scales(
       f"h must have shape (T, L, G) with L = {n_hidden} hidden layers, got {h.shape}."
     )
   num_tasks, _, num_groups = h.shape
-  assignments = _check_assignments(names, params, assignments, num_groups)
+  assignments = check_assignments(names, params, assignments, num_groups)
   task = jnp.asarray(task_of_example)
   if task.ndim != 1 or not jnp.issubdtype(task.dtype, jnp.integer):
     raise CljaxError(f"task_of_example must be an (E,) int array, got {task.dtype} {task.shape}.")
@@ -139,7 +139,7 @@ def _check_scales(eg: ExampleGrads, scales: Scales, name: str) -> None:
 def _scaled_factors(params, eg, scales, path):
   """(u * A, beta) of one layer: (E, n_in) and (E,) or None (no bias); u = beta = 1 if absent."""
   A = eg.inputs[path]
-  if not _has_bias(params, path):
+  if not has_bias(params, path):
     beta = None
   elif scales is None or path not in scales.bias:
     beta = jnp.ones(A.shape[:1], A.dtype)
@@ -190,7 +190,7 @@ def scaled_weighted_grad(params: PyTree, eg: ExampleGrads, scales: Scales, c: ja
   _check_scales(eg, scales, "scaled_weighted_grad")
 
   def leaf(key_path, p):
-    *layer, name = _names(key_path)
+    *layer, name = path_names(key_path)
     path = tuple(layer)
     A, beta = _scaled_factors(params, eg, scales, path)
     D = eg.deltas[path]

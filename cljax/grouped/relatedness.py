@@ -1,7 +1,7 @@
 """Task relatedness per group of hidden units: streaming covariances and von Neumann divergences.
 
 Grouped GEM weighs each past task's constraint, group by group, by how related the task is to the
-current one. For a hidden layer l and a group k of its units (`cljax.groups`), the statistics of a
+current one. For a hidden layer l and a group k of its units (`groups`), the statistics of a
 task are the covariance of the vector [a_k, e]: the group's activations a_k followed by an
 "extra" vector e of size E (the label as a number, E = 1, or the network's outputs, E = classes).
 Groups differ in size, so every group is padded to a fixed size S with a validity mask; the
@@ -363,7 +363,7 @@ def group_vectors(
     extra: (B, E) the extra vector per example (labels as numbers with E = 1, or the outputs).
     assignment: (H,) int group of each unit, values in [0, num_groups).
     num_groups: G (static).
-    max_group_size: S (static) >= the largest group; `cljax.groups.group_sizes(...).max()` after
+    max_group_size: S (static) >= the largest group; `groups.group_sizes(...).max()` after
       the grouping is made. A concrete assignment with a larger group is refused; under jit the
       extra units are dropped.
 

@@ -2,7 +2,7 @@
 
     folder/
       sweep.json                      the manifest: the fixed settings of every record
-      runs/lr0.01_ms10_seed3.json     one run: `results.make_record`'s dict + "sweep" + "checksum"
+      runs/lr0.01_ms10_seed3.json     one run: `run_folder.make_record` + "sweep" + "checksum"
       summary.md, summary.json        mean +- std per setting, over the folder's records
       summary.png                     Final / Backward / Forward per setting, with error bars
 
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cljax.errors import CljaxError
-from cljax.results import dumps, figure_png, write_atomic
+from cljax.run_folder import dumps, figure_png, write_atomic
 
 SWEEP_JSON = "sweep.json"
 RUNS_DIR = "runs"

@@ -9,12 +9,12 @@ The run (`cljax.train`) scans over tasks t = 0..T-1 and their steps; Grouped GEM
                  cov_first_task_buffer examples; during task t > 0, add them to the current task's
                  running covariance (L, G) and, every cov_recompute_every batches of the task,
                  recompute h from it against the frozen covariances of the past tasks k < t
-  end_task       end of task 0: form the groups from the params (`cljax.groups.make_groupings`)
+  end_task       end of task 0: form the groups from the params (`groups.make_groupings`)
                  and freeze task 0's covariance, computed from the reservoir with those groups;
                  end of task t > 0: freeze the current covariance into slot t and reset it
 
 The statistics of a (task, layer l, group k) are the covariance of the vector [a_k, e]
-(`cljax.relatedness.group_vectors`): the group's activations padded to S slots, then the extra
+(`relatedness.group_vectors`): the group's activations padded to S slots, then the extra
 vector e: the label as a number (E = 1), or with if_output_cov the network's outputs (logits,
 E = n_classes). With r = `relatedness_divergence` of the current and every past covariance,
 
@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.errors import CljaxError, is_int
-from cljax.groups import (
+from cljax.grouped.groups import (
   GROUPING_METHODS,
-  _mlp_layers,
   group_sizes,
   make_groupings,
+  mlp_layers,
 )
-from cljax.relatedness import (
+from cljax.grouped.relatedness import (
   CovState,
   cov_from_buffer,
   cov_init,
@@ -58,6 +58,11 @@ from cljax.relatedness import (
 PyTree = Any
 
 
+def _flag(default: Any, help: str, **meta: Any) -> Any:
+  """A field whose default and help text the command line takes (meta: flag, its name; type)."""
+  return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupedConfig:
   """Static settings of Grouped GEM's relatedness (hashable; closed over, never traced).
@@ -66,7 +71,7 @@ class GroupedConfig:
     num_groups: G, groups per hidden layer (about G for "cluster": some may stay empty; exactly
       n_hiddens for "unit", which sets the count itself).
     grouping: "cluster" (deterministic k-means of the units' incoming weights), "random" or
-      "unit" (one unit per group), see `cljax.groups.make_groupings`.
+      "unit" (one unit per group), see `groups.make_groupings`.
     cov_first_task_buffer: N, task 0's reservoir size (examples kept to compute its covariance
       once the groups exist).
     cov_recompute_every: recompute h every this many batches of a task t > 0.
@@ -74,7 +79,7 @@ class GroupedConfig:
     ewc_reverse: softmax over past tasks of +r (most different tasks weigh more), not -r.
     sub_mean, margin: `transform_relatedness`'s options.
     ignore_relatedness: h = 1 on every past task and non-empty group (no divergence computed).
-    bias_once: count the biases of grouped layers once (`cljax.groups.group_param_weights`);
+    bias_once: count the biases of grouped layers once (`groups.group_param_weights`);
       not used here, carried for the engine.
     cluster_iters: Lloyd iterations of the "cluster" grouping.
     cluster_max_size: at most this many units per "cluster" group (None: 2 ceil(H/G), at most
@@ -83,18 +88,36 @@ class GroupedConfig:
       would decompose 101 x 101 matrices per (task, layer, group) instead of 11 x 11.
   """
 
-  num_groups: int = 20
-  grouping: str = "cluster"
-  cov_first_task_buffer: int = 100
-  cov_recompute_every: int = 20
-  if_output_cov: bool = False
-  ewc_reverse: bool = False
-  sub_mean: bool = True
-  margin: float = 0.0
-  ignore_relatedness: bool = False
-  bias_once: bool = False
-  cluster_iters: int = 20
-  cluster_max_size: int | None = None
+  num_groups: int = _flag(
+    20,
+    "groups of hidden units per layer, formed after task 0 (with --create_group_per_unit: "
+    "n_hiddens)",
+  )
+  grouping: str = "cluster"  # the command line's --create_random_groups / --create_group_per_unit
+  cov_first_task_buffer: int = _flag(100, "task 0's examples kept (reservoir) for its covariance")
+  cov_recompute_every: int = _flag(
+    20, "recompute the task relatedness every this many steps of a task"
+  )
+  if_output_cov: bool = _flag(False, "covariances with the network's outputs instead of the label")
+  ewc_reverse: bool = _flag(
+    False, "weigh the most different past tasks most (softmax of +divergence)"
+  )
+  sub_mean: bool = _flag(
+    True, "subtract each task and layer's mean weight over its groups", flag="gem_sub_mean"
+  )
+  margin: float = _flag(
+    0.0, "added to every multiplier h after its re-centring to mean 1", flag="relatedness_margin"
+  )
+  ignore_relatedness: bool = _flag(
+    False, "multipliers h = 1: the rows of plain GEM", flag="gem_ignore_relatedness"
+  )
+  bias_once: bool = _flag(
+    False, "count each next layer's bias once (False: once per group, as the research code's rows)"
+  )
+  cluster_iters: int = _flag(20, "Lloyd iterations of the clustering")
+  cluster_max_size: int | None = _flag(
+    None, "at most this many units per cluster group (default 2 ceil(H/G))", type=int
+  )
 
   def __post_init__(self):
     if self.grouping not in GROUPING_METHODS:
@@ -161,7 +184,7 @@ def _num_groups(config: GroupedConfig, n_hiddens: int) -> int:
 class GroupedState(NamedTuple):
   """Grouped GEM's carry: T tasks, L hidden layers of H units, G groups of at most S units.
 
-  n = S + E is the size of a group vector (`cljax.relatedness.group_vectors`), N the reservoir.
+  n = S + E is the size of a group vector (`relatedness.group_vectors`), N the reservoir.
   """
 
   assignments: jax.Array  # (L, H) int32 group of each unit (zeros until formed)
@@ -415,7 +438,7 @@ def end_task(
     The new state, same shapes.
   """
   _, L, H, G, S, _ = _sizes(state)
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   widths = [np.shape(params[n]["bias"]) for n in names[:-1]]
   if len(widths) != L or any(w != (H,) for w in widths):
     raise CljaxError(
@@ -460,7 +483,7 @@ def hidden_activations(params: PyTree, x: jax.Array) -> tuple[jax.Array, jax.Arr
   Returns:
     (activations (L, B, H), logits (B, n_classes)).
   """
-  names = _mlp_layers(params)
+  names = mlp_layers(params)
   x = jnp.asarray(x)
   if x.ndim != 2 or x.shape[1] != np.shape(params[names[0]]["kernel"])[0]:
     raise CljaxError(

@@ -1,0 +1,507 @@
+"""The command line's settings, shared by `python -m cljax` (one run) and `cljax.sweep_cli` (many).
+
+The flags come from the `Config` and `GroupedConfig` fields (each default and help text stated
+once, on its field), GEM's own flags keep their names, and the variant-dependent parts (the
+unused-flag report, run names) ask the rule registry. `parse_args` checks a command line,
+`train_config` turns it into the engine's `Config`, `load_streams` loads the data; bad input is
+a `CljaxError` with one line to show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from cljax import data, tasks, train
+from cljax.errors import CljaxError
+from cljax.grouped.state import GroupedConfig
+from cljax.rules import registry
+
+PROG = "cljax"
+HELP_HINT = "see `python -m cljax --help`"
+
+# The seed's run settings that are not the engine's (its command line): the defaults. The rest
+# of the seed's command is `train.Config`'s defaults.
+RUN_DEFAULTS = {
+  "dataset": "fashion_mnist",
+  "protocol": "permutations",
+  "n_tasks": 10,
+  "save_path": "results/",
+  "samples_per_task": 1000,
+  "seed": 3,
+}
+
+# Flags of the seed's command that no variant uses yet: accepted, recorded, listed as unused.
+SEED_ONLY_FLAGS = (
+  "beta",
+  "gamma",
+  "memories",
+  "batches_per_example",
+  "forgetting_mode",
+  "forgetting_task_ids",
+  "forgetting_resee_size",
+  "sign_attacked",
+)
+
+# The grouped variants' flags in the seed's order: GroupedConfig's fields by their flag names,
+# and three of the seed's that map onto GroupedConfig.grouping (or nothing).
+_GROUPED_CLI_ONLY = {
+  "create_random_groups": (False, "random balanced groups instead of clusters of similar units"),
+  "create_group_per_unit": (False, "one unit per group"),
+  "divergence": ("von_Neumann", "the divergence between tasks' covariances (only von_Neumann)"),
+}
+_GROUPED_ORDER = (
+  "num_groups",
+  "cov_recompute_every",
+  "create_random_groups",
+  "create_group_per_unit",
+  "divergence",
+  "if_output_cov",
+  "cov_first_task_buffer",
+  "ewc_reverse",
+  "gem_sub_mean",
+  "gem_ignore_relatedness",
+  "bias_once",
+  "relatedness_margin",
+  "cluster_iters",
+  "cluster_max_size",
+)
+
+
+def _flag_name(field: dataclasses.Field) -> str:
+  return field.metadata.get("flag", field.name)
+
+
+_GROUPED_FIELDS = {_flag_name(f): f for f in dataclasses.fields(GroupedConfig) if f.metadata}
+GROUPED_FLAGS = {  # flag -> default
+  name: _GROUPED_FIELDS[name].default if name in _GROUPED_FIELDS else _GROUPED_CLI_ONLY[name][0]
+  for name in _GROUPED_ORDER
+}
+_CONFIG_FIELDS = {_flag_name(f): f for f in dataclasses.fields(train.Config) if f.metadata}
+_RULE_FLAGS = ("reference_row", "trigger", "projection")  # train.Config's A-GEM rule overrides
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser that raises CljaxError instead of printing usage and exiting."""
+
+  def error(self, message: str):
+    """Reports a bad command line as a CljaxError (one line, exit status 2 in `main`)."""
+    raise CljaxError(f"{message} ({HELP_HINT})")
+
+
+class _Store(argparse.Action):
+  """argparse's "store", also recording the flag in namespace.given (in command-line order)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, values)
+    if getattr(namespace, "given", None) is None:
+      namespace.given = {}
+    namespace.given.setdefault(self.dest, option_string)
+
+
+class _StoreTrue(_Store):
+  def __init__(self, option_strings, dest, default=False, help=None):
+    super().__init__(option_strings, dest, nargs=0, const=True, default=default, help=help)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    super().__call__(parser, namespace, True, option_string)
+
+
+def _variant(value: str) -> str:
+  name = value.lower()  # the seed's "Agem" is the paper's A-GEM, "agem"
+  if name not in registry.VARIANTS:
+    raise argparse.ArgumentTypeError(
+      f"unknown variant {value!r}: choose one of {', '.join(registry.VARIANTS)}"
+    )
+  return name
+
+
+def _boolean(value: str) -> bool:
+  """GEM's boolean flags come as the strings True / False; anything else is an error."""
+  lowered = value.lower()
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _yes_no(value: str) -> str:
+  lowered = value.lower()
+  if lowered in ("yes", "no", "true", "false"):
+    return lowered
+  raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
+
+
+def _int_list(value: str) -> list[int]:
+  try:
+    return [int(v) for v in value.split(",") if v.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"expected comma-separated integers (e.g. 0,5), got {value!r}"
+    ) from None
+
+
+def _add(group, flag: str, **kw) -> None:
+  if kw.get("type") is _boolean:
+    kw.setdefault("metavar", "{True,False}")
+  group.add_argument(f"--{flag}", action=_Store, **kw)
+
+
+def _add_field(group, field: dataclasses.Field) -> None:
+  """The flag of a Config / GroupedConfig field: its default, help, choices and type."""
+  meta, default = field.metadata, field.default
+  kind = meta.get("type", type(default) if default is not None else str)
+  kind = {bool: _boolean}.get(kind, kind)
+  if "choices" in meta:
+    _add(group, _flag_name(field), default=default, choices=meta["choices"], help=meta["help"])
+  else:
+    _add(group, _flag_name(field), type=kind, default=default, help=meta["help"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command line: the seed's (GEM's) flags, verbatim, and cljax's own."""
+  p = _Parser(
+    prog=PROG,
+    description="Continual learning with GEM / A-GEM in JAX: train one variant on a stream of "
+    "permuted or rotated Fashion-MNIST / MNIST tasks, print GEM's result line, and write "
+    "results.json and plots. The defaults are the seed's configuration.",
+    allow_abbrev=False,
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  d = RUN_DEFAULTS
+  seed = p.add_argument_group("GEM's flags (the seed's command line)")
+  variants = "; ".join(f"{v.name}: {v.help}" for v in registry.VARIANTS.values())
+  _add(
+    seed,
+    "model",
+    type=_variant,
+    default=train.Config.variant,
+    help="the rule (case-insensitive; the seed's Agem is agem, the A-GEM paper's rule): "
+    + variants,
+  )
+  _add(seed, "n_tasks", type=int, default=d["n_tasks"], help="number of tasks")
+  for field in _CONFIG_FIELDS.values():
+    if field.metadata.get("gem") and field.name != "variant":
+      _add_field(seed, field)
+  _add(
+    seed,
+    "data_path",
+    default=None,
+    help=f"folder of the 4 IDX files; when not given: ${data.DATA_PATH_ENV}, else "
+    f"{data.DEFAULT_DATA_PATH} for fashion_mnist. With --data_file, a folder without them "
+    "(GEM's folder of .pt files) falls back to the default",
+  )
+  _add(seed, "save_path", default=d["save_path"], help="root folder of the results folders")
+  _add(
+    seed,
+    "samples_per_task",
+    type=int,
+    default=d["samples_per_task"],
+    help="training examples per task",
+  )
+  _add(
+    seed,
+    "cuda",
+    type=_yes_no,
+    default="no",
+    metavar="{yes,no}",
+    help="accepted; JAX picks the device",
+  )
+  _add(seed, "seed", type=int, default=d["seed"], help="seeds the tasks, the data and the model")
+  _add(
+    seed,
+    "data_file",
+    default=None,
+    help="GEM's prepared file, e.g. fashion_mnist_permutations_reduced.pt: not read; sets "
+    "--dataset and --protocol when they are not given",
+  )
+
+  unused = p.add_argument_group("GEM's flags that no variant uses (accepted and recorded)")
+  types = {"forgetting_mode": _boolean, "forgetting_task_ids": _int_list}
+  floats = ("beta", "gamma", "sign_attacked")
+  for name in SEED_ONLY_FLAGS:
+    kind = types.get(name, float if name in floats else int)
+    _add(unused, name, type=kind, default=None, help="unused")
+
+  grouped = p.add_argument_group(
+    f"Grouped GEM ({', '.join(registry.GROUPED_VARIANTS)}): the seed's flags, then cljax's"
+  )
+  for name in _GROUPED_ORDER:
+    if name in _GROUPED_FIELDS:
+      _add_field(grouped, _GROUPED_FIELDS[name])
+    else:
+      default, help = _GROUPED_CLI_ONLY[name]
+      kind = _boolean if isinstance(default, bool) else str
+      _add(grouped, name, type=kind, default=default, help=help)
+
+  own = p.add_argument_group("cljax's flags")
+  _add(
+    own,
+    "dataset",
+    default=d["dataset"],
+    choices=data.DATASETS,
+    help="the images (or from --data_file)",
+  )
+  _add(
+    own,
+    "protocol",
+    default=d["protocol"],
+    choices=tasks.PROTOCOLS,
+    help="the tasks (or from --data_file)",
+  )
+  _add(
+    own,
+    "source",
+    default="auto",
+    choices=data.SOURCES,
+    help="auto: IDX files when present, else TFDS when installed",
+  )
+  _add(own, "tfds_data_dir", default=None, help="TensorFlow Datasets data directory")
+  _add(
+    own,
+    "test_samples",
+    type=int,
+    default=None,
+    help="test examples per task; not given: the whole test split",
+  )
+  for field in _CONFIG_FIELDS.values():
+    if not field.metadata.get("gem"):
+      _add_field(own, field)
+  own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
+  return p
+
+
+def data_file_settings(data_file: str) -> tuple[str, str]:
+  """(dataset, protocol) named by a GEM data file, e.g. fashion_mnist_permutations_reduced.pt.
+
+  Raises:
+    CljaxError: the name does not start with a known dataset and protocol.
+  """
+  stem = os.path.basename(data_file)
+  stem = stem[: -len(".pt")] if stem.endswith(".pt") else stem
+  for dataset in sorted(data.DATASETS, key=len, reverse=True):  # fashion_mnist before mnist
+    if stem.startswith(dataset + "_"):
+      rest = stem[len(dataset) + 1 :]
+      for protocol in tasks.PROTOCOLS:
+        if rest == protocol or rest.startswith(protocol + "_"):
+          return dataset, protocol
+  raise CljaxError(
+    f"cannot tell the dataset and protocol from --data_file {data_file!r}: expected "
+    f"{{dataset}}_{{protocol}}[_...].pt with dataset in {', '.join(data.DATASETS)} and protocol "
+    f"in {', '.join(tasks.PROTOCOLS)}; or pass --dataset and --protocol"
+  )
+
+
+def uses_qp(variant: str, projection: str | None = None) -> bool:
+  """Whether a run solves GEM's QP with margin memory_strength (reads it, eps, qp_max_iter)."""
+  return registry.uses_qp(variant, projection)
+
+
+# The registry's rule settings as flags (argparse dests): "grouped" is the grouped variants' flags.
+_RULE_DESTS = {
+  name: tuple(GROUPED_FLAGS) if name == "grouped" else (name,) for name in registry.RULE_SETTINGS
+}
+
+
+def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> frozenset[str]:
+  """The flags (argparse dests) that `variant` does not read: reported as unused when given."""
+  reads = registry.settings_read(variant, agem_ref, projection)
+  unused = {d for name, dests in _RULE_DESTS.items() if name not in reads for d in dests}
+  return frozenset(unused | set(SEED_ONLY_FLAGS))
+
+
+def unused_flags(args: argparse.Namespace) -> list[str]:
+  """The flags given on the command line that the variant does not use, each once, in order."""
+  unused = unused_dests(args.model, args.agem_ref, args.projection)
+  return [f"--{dest}" for dest in args.given if dest in unused]
+
+
+def parse_args(
+  argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, list[str]]:
+  """Parses and checks a command line; returns the settings and the notes to show.
+
+  The returned namespace has every flag's value and `given`, the flags given explicitly (a dict
+  dest -> option string, in command-line order).
+  Notes (one line each): the given flags the variant does not use, and the dataset and protocol
+  taken from --data_file.
+
+  Raises:
+    CljaxError: an unknown flag, a bad value, or an unreadable --data_file name.
+    SystemExit: --help (after printing the help).
+  """
+  parser = build_parser() if parser is None else parser
+  args, extra = parser.parse_known_args(argv, argparse.Namespace(given={}))
+  if extra:
+    flags = list(dict.fromkeys(e.split("=", 1)[0] for e in extra if e.startswith("-")))
+    if flags:
+      s = "s" if len(flags) > 1 else ""
+      raise CljaxError(f"unknown flag{s}: {', '.join(flags)} ({HELP_HINT})")
+    raise CljaxError(f"unexpected argument {extra[0]!r} (flags take the form --name value)")
+  notes = []
+  if args.data_file is not None:
+    derived = {}
+    if not {"dataset", "protocol"} <= args.given.keys():
+      derived = dict(zip(("dataset", "protocol"), data_file_settings(args.data_file), strict=True))
+      for name, value in derived.items():
+        if name not in args.given:
+          setattr(args, name, value)
+    notes.append(
+      f"--data_file {args.data_file} is not read: cljax builds the tasks from the "
+      f"{args.dataset} images itself (dataset {args.dataset}, protocol {args.protocol}"
+      + (", from the file name)" if derived else ")")
+    )
+  unused = unused_flags(args)
+  if unused:
+    what = registry.describe(args.model, args.agem_ref)[1].replace("(agem_ref", "(--agem_ref")
+    notes.insert(0, f"flags not used by {what}: {', '.join(unused)}")
+  return args, notes
+
+
+def grouped_config(args: argparse.Namespace) -> GroupedConfig:
+  """The grouped variants' `GroupedConfig` from the flags (the default one for other variants)."""
+  if args.model not in registry.GROUPED_VARIANTS:
+    return GroupedConfig()
+  if args.divergence != "von_Neumann":
+    raise CljaxError(f"--divergence {args.divergence} is not implemented: only von_Neumann.")
+  if args.create_random_groups and args.create_group_per_unit:
+    raise CljaxError(
+      "--create_random_groups True and --create_group_per_unit True contradict each other: "
+      "choose one (neither: clusters of similar units)."
+    )
+  num_groups = args.num_groups
+  if args.create_group_per_unit:
+    grouping = "unit"
+    if "num_groups" not in args.given:
+      num_groups = args.n_hiddens
+    elif num_groups != args.n_hiddens:
+      raise CljaxError(
+        f"--create_group_per_unit True makes n_hiddens ({args.n_hiddens}) groups: drop "
+        f"--num_groups {num_groups} or set it to {args.n_hiddens}."
+      )
+  else:
+    grouping = "random" if args.create_random_groups else "cluster"
+  for name in ("cluster_iters", "cluster_max_size"):
+    if grouping != "cluster" and name in args.given:
+      raise CljaxError(f"--{name} applies to clustered groups, not to {grouping} groups.")
+  if args.gem_ignore_relatedness:
+    for name in ("if_output_cov", "ewc_reverse", "relatedness_margin"):
+      if name in args.given and getattr(args, name) != GROUPED_FLAGS[name]:
+        raise CljaxError(
+          f"--gem_ignore_relatedness True sets every multiplier h to 1: --{name} "
+          f"{getattr(args, name)} would have no effect; drop one of them."
+        )
+  fields = {f.name: getattr(args, flag) for flag, f in _GROUPED_FIELDS.items()}
+  return GroupedConfig(**{**fields, "num_groups": num_groups, "grouping": grouping})
+
+
+def name_parts(args: argparse.Namespace) -> dict[str, Any]:
+  """The settings that name a run besides its variant (`run_folder.run_name`'s rule).
+
+  The A-GEM rule overrides (None when not set) and, for the grouped variants, the grouped flags
+  given with a value other than their default.
+  """
+  parts = {name: getattr(args, name) for name in _RULE_FLAGS}
+  if args.model in registry.GROUPED_VARIANTS:
+    for name, default in GROUPED_FLAGS.items():
+      if name in args.given and getattr(args, name) != default:
+        parts[name] = getattr(args, name)
+  return parts
+
+
+def train_config(args: argparse.Namespace) -> train.Config:
+  """The engine's `Config` from parsed arguments (raises CljaxError on bad values)."""
+  fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
+  return train.Config(**fields, grouped=grouped_config(args))
+
+
+def has_idx_files(directory: str) -> bool:
+  """Whether directory holds any of the four IDX files (gzipped or plain)."""
+  return any(
+    os.path.isfile(os.path.join(directory, stem + ext))
+    for stem in data.IDX_FILES.values()
+    for ext in ("", ".gz")
+  )
+
+
+def data_path_for(args: argparse.Namespace) -> tuple[str | None, str | None]:
+  """(IDX folder to read or None for the default, note or None) for the settings.
+
+  GEM's --data_path is a folder of .pt files: with --data_file, a folder without IDX files falls
+  back to the default data location, with a note.
+  """
+  path = args.data_path
+  if path and args.data_file is not None and args.source != "tfds" and not has_idx_files(path):
+    note = (
+      f"--data_path {path} holds no IDX files (GEM's folder of .pt files); reading "
+      f"{args.dataset} from the default location instead"
+    )
+    return None, note
+  return path, None
+
+
+def load_streams(args: argparse.Namespace, data_path: str | None, seeds: Sequence[int]):
+  """(streams, source, IDX folder or None, warnings): one task stream per seed."""
+  source = data.resolve_source(args.dataset, data_path=data_path, source=args.source)
+  directory = data.resolve_data_path(args.dataset, data_path) if source == "idx" else None
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", UserWarning)
+    dataset = data.load_dataset(
+      args.dataset, data_path=data_path, source=source, tfds_data_dir=args.tfds_data_dir
+    )
+    streams = [
+      tasks.make_stream(
+        dataset,
+        protocol=args.protocol,
+        n_tasks=args.n_tasks,
+        samples_per_task=args.samples_per_task,
+        test_samples=args.test_samples,
+        seed=seed,
+      )
+      for seed in seeds
+    ]
+  messages = []
+  for w in caught:
+    if issubclass(w.category, UserWarning):
+      if str(w.message) not in messages:
+        messages.append(str(w.message))
+    else:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return streams, source, directory, messages
+
+
+def load_stream(args: argparse.Namespace, data_path: str | None):
+  """(stream, source, IDX folder or None, warnings): the task stream the settings describe."""
+  streams, source, directory, messages = load_streams(args, data_path, [args.seed])
+  return streams[0], source, directory, messages
+
+
+def divergence_message(
+  t: int, n_tasks: int, variant: str, folder: str, projection: str | None = None
+) -> str:
+  """The one line that says a run diverged after task t, what was kept, and what to lower."""
+  if t + 2 == n_tasks:
+    rest = f"task {t + 1} was not trained; "
+  elif t + 1 < n_tasks:
+    rest = f"tasks {t + 1}-{n_tasks - 1} were not trained; "
+  else:
+    rest = ""
+  knobs = "--lr or --memory_strength" if uses_qp(variant, projection) else "--lr"
+  return (
+    f"parameters became non-finite while training task {t}; {rest}results so far are kept in "
+    f"{folder}; try a lower {knobs}"
+  )
+
+
+def note(message: str) -> None:
+  """Prints "cljax: note: message" on stderr."""
+  print(f"{PROG}: note: {message}", file=sys.stderr)
+
+
+def error(message: Any) -> None:
+  """Prints "cljax: error: message" on stderr (one line)."""
+  print(f"{PROG}: error: {message}", file=sys.stderr)
