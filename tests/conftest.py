@@ -7,6 +7,12 @@ and removed after it, compiles each program once: a program loaded from the cach
 executable, so results are unchanged bit for bit. Worker processes get the folder through the
 environment. Every program is cached, however quick its compile (JAX's default skips those under
 1 s, which are most of the suite's small runs, compiled again in other test files and processes).
+
+The suite compiles at LLVM optimisation level 1 instead of 2 (`golden_runs.SUITE_XLA_FLAG`, in
+XLA_FLAGS for this process and its subprocesses): compiling is most of the suite's time, level 1
+compiles a third faster and its programs run as fast at these sizes. It may round differently
+from level 2 (one of the golden runs does), which no test depends on: two programs are compared
+within bounds, and the same program with itself.
 """
 
 import atexit
@@ -16,6 +22,10 @@ import shutil
 import struct
 import tempfile
 import types
+
+import golden_runs
+
+os.environ["XLA_FLAGS"] = golden_runs.with_suite_flag(os.environ.get("XLA_FLAGS", ""))
 
 import jax
 import numpy as np
