@@ -46,20 +46,25 @@ RUNS = {
 
 
 def environment() -> dict:
-  """What decides the rounding of a compiled run: the XLA version, the CPU, the ISA flags."""
+  """What decides the rounding of a compiled run: the XLA version, the CPU and its vector ISA
+  (a CPU model name can cover several generations), the XLA flags."""
   import jax
   import jaxlib
 
-  cpu = platform.processor()
+  cpu, isa = platform.processor(), []
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+      lines = f.read().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    isa = sorted(f for f in flags if f.startswith(("avx", "fma", "sse4", "f16c", "amx")))
   except OSError:
     pass
   return {
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,
     "cpu": cpu,
+    "cpu_isa": isa,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
