@@ -44,7 +44,7 @@ REFERENCE = {
   "agem": (39, 25),  # paper A-GEM, task-mean reference
   "single": (47, 7.7),
 }
-VARIANTS = ["single", "gem", "agem", "agem_old", "agem_new", "agem_qp_mean"]
+VARIANTS = ["single", *(v for v in REFERENCE if v != "single")]  # those with a PyTorch figure
 PARAMS = 89_610
 T, S, M = 10, 1000, 10
 
