@@ -5,8 +5,8 @@
 and the per-task projection counts, with the environment that computed them (jax / jaxlib
 versions, CPU model, XLA_FLAGS). `tests/test_golden.py` runs them again: in the recording
 environment the numbers must be the same bit for bit (the same program on the same CPU); on
-another CPU or XLA version the kernels round differently, so only the seed line is compared,
-within 0.005 (a few of the 10,000 test images per task classified differently).
+another CPU or XLA version the kernels round differently, so only GEM's three numbers are
+compared, within 0.005.
 
 Recorded on the engine before the rules became pluggable pieces, so that the refactoring is
 checked against the numbers it started from. The test suite compiles at LLVM optimisation level 1
