@@ -42,10 +42,14 @@ def weighted_loss(ctx: StepContext, params: PyTree, x, y, w) -> jax.Array:
   )
 
 
+def mean_loss(apply: Callable, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+  """The mean cross-entropy of apply(params, x) (B, classes) against labels y (B,)."""
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y))
+
+
 def batch_loss(ctx: StepContext, params: PyTree) -> jax.Array:
   """The mean loss of the step's batch."""
-  logits = ctx.apply(params, ctx.x)
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, ctx.y))
+  return mean_loss(ctx.apply, params, ctx.x, ctx.y)
 
 
 def past_slot_counts(n_tasks: int) -> tuple[int, ...]:

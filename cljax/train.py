@@ -32,6 +32,7 @@ from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig, check_sizes
 from cljax.memory import Memory, empty_memory, write_memory
 from cljax.memory_grads import MODES as MEMORY_GRADS
+from cljax.memory_grads import mean_loss
 from cljax.models import INIT_SCHEMES, make_mlp
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
@@ -157,6 +158,7 @@ class Config:
       raise CljaxError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}.")
     if self.agem_ref not in AGEM_REFS:
       raise CljaxError(f"unknown agem_ref {self.agem_ref!r}: choose one of {', '.join(AGEM_REFS)}.")
+    reads = registry.settings_read(self.variant, self.agem_ref, self.projection)
     if self.memory_grads not in MEMORY_GRADS:
       raise CljaxError(
         f"unknown memory_grads {self.memory_grads!r}: choose one of {', '.join(MEMORY_GRADS)}."
@@ -190,7 +192,7 @@ class Config:
       raise CljaxError(
         f"grouped must be a cljax.grouped.state.GroupedConfig, got {type(self.grouped).__name__}."
       )
-    if self.variant in GROUPED_VARIANTS:
+    if "grouped" in reads:
       if self.memory_grads != "factored":
         raise CljaxError(
           f"{self.variant} builds its grouped rows from per-example factors: use memory_grads "
@@ -202,7 +204,6 @@ class Config:
         f"grouped settings apply to the grouped variants ({', '.join(GROUPED_VARIANTS)}), not to "
         f"{self.variant}: leave grouped at its default."
       )
-    reads = registry.settings_read(self.variant, self.agem_ref, self.projection)
     if "n_memories" in reads and self.n_memories < 1:
       raise CljaxError(f"variant {self.variant!r} needs n_memories >= 1, got {self.n_memories}.")
     if "replay_batch_size" in reads and self.replay_batch_size < 1:
@@ -300,10 +301,6 @@ def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
   return steps, chunk, math.ceil(steps / chunk)
 
 
-def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
-
-
 def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array]:
   """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits)."""
   model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
@@ -357,7 +354,7 @@ def make_train(
     return model.apply({"params": params}, x)
 
   def batch_loss(params, x, y):
-    return jnp.mean(_cross_entropy(apply(params, x), y))
+    return mean_loss(apply, params, x, y)
 
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     hp = default_hparams(config) if hparams is None else hparams

@@ -72,6 +72,7 @@ def environment() -> dict:
 def run(name: str, save_path: str) -> dict:
   """Runs RUNS[name] through the CLI; its seed line, matrix and projection counts."""
   from cljax import __main__ as cli
+  from cljax.run_folder import RESULTS_JSON
 
   argv = [*RUNS[name], *SHORT, "--save_path", save_path, "--no_plots"]
   before = set(os.listdir(save_path))
@@ -79,7 +80,7 @@ def run(name: str, save_path: str) -> dict:
   if status != 0:
     raise RuntimeError(f"{name}: exit status {status}")
   (folder,) = set(os.listdir(save_path)) - before
-  with open(os.path.join(save_path, folder, "results.json")) as f:
+  with open(os.path.join(save_path, folder, RESULTS_JSON)) as f:
     record = json.load(f)
   return {
     "argv": argv[:-3],
