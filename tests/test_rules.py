@@ -73,6 +73,15 @@ def test_pooled_reference_refuses_the_per_task_trigger():
     agem.agem_rule(agem.pooled(10), agem.per_task(), agem.conditional())
 
 
+def test_an_unknown_grouped_rule_is_one_line():
+  from cljax.grouped.state import GroupedConfig
+
+  with pytest.raises(
+    CljaxError, match="unknown grouped rule 'gem_groups': choose one of gem_grouped"
+  ):
+    rules.grouped("gem_groups", GroupedConfig(), n_hiddens=100, n_layers=2)
+
+
 def test_one_trace_for_several_seeds_and_hyper_parameters(stream):
   traced = chex.assert_max_traces(make_train(small(variant="agem_new")), n=1)
   run = jax.jit(traced)

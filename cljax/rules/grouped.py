@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax import memory_grads
+from cljax.errors import CljaxError
 from cljax.grouped.rows import example_scales, grouped_row_sum, grouped_terms
 from cljax.grouped.state import (
   GroupedConfig,
@@ -48,7 +49,7 @@ def grouped(
 ) -> Rule:
   """The grouped rule `kind` (one of GROUPED_RULES) on an MLP of n_layers x n_hiddens units."""
   if kind not in GROUPED_RULES:
-    raise ValueError(f"unknown grouped rule {kind!r}: choose one of {', '.join(GROUPED_RULES)}")
+    raise CljaxError(f"unknown grouped rule {kind!r}: choose one of {', '.join(GROUPED_RULES)}.")
   conditional_projection = conditional().project
 
   def project(g, ctx: StepContext, state):
