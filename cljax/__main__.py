@@ -1,6 +1,9 @@
 """Command line: `python -m cljax` trains one variant and writes its results folder.
 
 The flags, their checks and the data loading are `cljax.run_setup`'s (shared with the sweeps).
+Compiled programs are kept in JAX's persistent compilation cache (`cljax.compile_cache`), so a
+run of the same shapes loads its program; JAX does not cache a program with host callbacks, so
+with the cache the progress lines are printed when the run ends (live with --no_compile_cache).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from cljax import run_folder, tasks, train
+from cljax import compile_cache, run_folder, tasks, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 
@@ -30,6 +33,7 @@ class _Prepared(NamedTuple):
   directory: str | None  # the IDX folder read
   folder: str  # the results folder
   schedule: tuple[int, int, int]  # train.schedule
+  cache: compile_cache.CacheStatus
 
 
 def _prepare(argv: Sequence[str] | None) -> _Prepared:
@@ -46,42 +50,58 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     agem_ref=args.agem_ref,
     rule=setup.name_parts(args),
   )
+  cache = setup.use_compile_cache(args)  # before JAX compiles anything
   data_path, note = setup.data_path_for(args)
   if note:
     setup.note(note)
   stream, source, directory, load_warnings = setup.load_stream(args, data_path)
   for message in load_warnings:
-    print(f"{setup.PROG}: warning: {message}", file=sys.stderr)
+    setup.warning(message)
   schedule = train.schedule(config, stream)
-  return _Prepared(
-    args, config, stream, source, directory, os.path.join(args.save_path, name), schedule
+  folder = os.path.join(args.save_path, name)
+  return _Prepared(args, config, stream, source, directory, folder, schedule, cache)
+
+
+def _progress_line(t: int, n_tasks: int, acc_row, seconds: float | None = None) -> str:
+  """The line printed when task t ends; acc_row (T,): the accuracies on every task then."""
+  acc = np.asarray(acc_row)
+  when = "" if seconds is None else f"{seconds:.1f} s, "
+  return (
+    f"task {t} done ({t + 1}/{n_tasks}): {when}accuracy {acc[t]:.4f} on task {t}, "
+    f"mean {acc[: t + 1].mean():.4f} on tasks 0-{t}"
   )
 
 
-def _train(p: _Prepared) -> tuple[train.RunResult, float, float]:
-  """Compiles and runs, printing a progress line per task; (host result, compile s, run s)."""
+def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.Compiles]:
+  """Compiles and runs, printing a progress line per task; (host result, compile s, run s, counts).
+
+  Without the compilation cache each line comes as its task ends (a host callback in the
+  program, which JAX does not cache); with it, after the run.
+  """
+  live = not p.cache.enabled
   n_tasks = p.stream.train_idx.shape[0]
   run_start = [0.0]
 
   def progress(t, acc_row):
-    t, acc = int(t), np.asarray(acc_row)
-    print(
-      f"task {t} done ({t + 1}/{n_tasks}): {time.perf_counter() - run_start[0]:.1f} s, "
-      f"accuracy {acc[t]:.4f} on task {t}, mean {acc[: t + 1].mean():.4f} on tasks 0-{t}",
-      flush=True,
-    )
+    print(_progress_line(int(t), n_tasks, acc_row, time.perf_counter() - run_start[0]), flush=True)
 
   key = jax.random.key(p.args.seed)
   hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
   t0 = time.perf_counter()
-  run = jax.jit(train.make_train(p.config, progress=progress))
-  compiled = run.lower(key, p.stream, hp).compile()
+  run = jax.jit(train.make_train(p.config, progress=progress if live else None))
+  lowered = run.lower(key, p.stream, hp)
+  with compile_cache.count_compiles() as compiles:
+    compiled = lowered.compile()
   t1 = run_start[0] = time.perf_counter()
   result = jax.device_get(jax.block_until_ready(compiled(key, p.stream, hp)))
-  return result, t1 - t0, time.perf_counter() - t1
+  seconds = time.perf_counter() - t1
+  if not live:
+    for t in range(n_tasks):
+      print(_progress_line(t, n_tasks, result.acc[t]), flush=True)
+  return result, t1 - t0, seconds, compiles
 
 
-def _record(p: _Prepared, result, timings, device, argv) -> dict[str, Any]:
+def _record(p: _Prepared, result, timings, device, argv, compiles) -> dict[str, Any]:
   settings = {k: v for k, v in vars(p.args).items() if k != "given"}
   settings["given_flags"] = [f"--{d}" for d in p.args.given]
   steps, chunk, n_chunks = p.schedule
@@ -102,6 +122,7 @@ def _record(p: _Prepared, result, timings, device, argv) -> dict[str, Any]:
       "train_images": int(p.stream.train_x.shape[0]),
     },
     schedule={"steps_per_task": steps, "steps_per_chunk": chunk, "chunks_per_task": n_chunks},
+    compile_cache=compile_cache.record(p.cache, compiles),
   )
 
 
@@ -144,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     flush=True,
   )
   try:
-    result, compile_seconds, run_seconds = _train(p)
+    result, compile_seconds, run_seconds, compiles = _train(p)
   except CljaxError as e:
     setup.error(e)
     return 2
@@ -155,11 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     "total": time.perf_counter() - start,
   }
   timings = {k: round(v, 4) for k, v in seconds.items()}
-  record = _record(p, result, timings, device, argv)
+  record = _record(p, result, timings, device, argv, compiles)
+  hit = record["compile_cache"]["hit"]
   print(record["seed_line"])
   print(
     f"wall time: {timings['total']:.1f} s (data {timings['data_load']:.1f} s, compile "
-    f"{timings['compile']:.1f} s, run {timings['run']:.1f} s)"
+    f"{timings['compile']:.1f} s{' (from cache)' if hit else ''}, run {timings['run']:.1f} s)"
   )
   try:
     run_folder.write_results(p.folder, record, plots=plots)

@@ -96,7 +96,7 @@ def make_record(
   n_tasks, matrix (T, T), baseline (T,), curves {accuracy (T, C, T), step (T, C)}, counters
   {name: (T,)} (the `TaskCounters`), finite (T,), diverged_at_task (int or null), gem_stats
   {final, backward, forward}, paper_stats {acc, bwt, fwt, forgetting}, seed_line, versions,
-  timings (seconds), device, then `extra` (e.g. stream, schedule, unused_flags).
+  timings (seconds), device, then `extra` (e.g. stream, schedule, unused_flags, compile_cache).
 
   Non-finite numbers (e.g. the loss of a diverged run) become null, so the file is strict JSON.
 

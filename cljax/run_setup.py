@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from cljax import data, tasks, train
+from cljax import compile_cache, data, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
 from cljax.rules import registry
@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     if not field.metadata.get("gem"):
       _add_field(own, field)
   own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
+  own.add_argument(
+    "--no_compile_cache",
+    action=_StoreTrue,
+    help="compile every program afresh, reading and writing no cache (without it: JAX's "
+    f"persistent compilation cache in ${compile_cache.CACHE_DIR_ENV}, else "
+    f"${compile_cache.JAX_CACHE_DIR_ENV}, else $XDG_CACHE_HOME/cljax or ~/.cache/cljax)",
+  )
   return p
 
 
@@ -497,9 +504,26 @@ def divergence_message(
   )
 
 
+def use_compile_cache(args: argparse.Namespace) -> compile_cache.CacheStatus:
+  """Turns on JAX's persistent compilation cache for the run, unless --no_compile_cache.
+
+  The folder is `compile_cache.default_dir()`; one that cannot be used is a warning (one line),
+  and the run goes on without the cache.
+  """
+  status = compile_cache.enable(None if args.no_compile_cache else compile_cache.default_dir())
+  if status.problem:
+    warning(f"{status.problem} (set ${compile_cache.CACHE_DIR_ENV}, or pass --no_compile_cache)")
+  return status
+
+
 def note(message: str) -> None:
   """Prints "cljax: note: message" on stderr."""
   print(f"{PROG}: note: {message}", file=sys.stderr)
+
+
+def warning(message: str) -> None:
+  """Prints "cljax: warning: message" on stderr."""
+  print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def error(message: Any) -> None:

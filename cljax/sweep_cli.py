@@ -10,7 +10,9 @@ devices (--strategy map / vmap do that on a CPU too, one host device per core).
 Each run's record is written atomically as it finishes into --sweep_dir (default
 {save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
 finished records, so a killed sweep resumes. At the end: summary.md / .json / .png (mean +- std
-per setting). Exit status: 0 done, 2 bad input (one line).
+per setting). Compiled programs are kept in JAX's persistent compilation cache, as by
+`python -m cljax` (the worker processes share its folder; --no_compile_cache: none).
+Exit status: 0 done, 2 bad input (one line).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import run_folder, sweep_folder, train
+from cljax import compile_cache, run_folder, sweep_folder, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.rules import registry
@@ -222,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for message in notes:
     setup.note(message)
   args.argv = argv
+  cache = setup.use_compile_cache(args)  # before JAX compiles anything
   use_cpu_devices(args.devices)  # before JAX starts (loading the data below starts it)
   if args.strategy is None:  # processes on a CPU; without a CPU-only JAX, one vmapped call
     args.strategy = "processes" if jax.default_backend() == "cpu" else "vmap"
@@ -241,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       setup.note(note)
     streams, source, directory, messages = setup.load_streams(args, data_path, seeds)
     for message in messages:
-      print(f"{setup.PROG}: warning: {message}", file=sys.stderr)
+      setup.warning(message)
     train.schedule(config, streams[0])
     base = run_folder.run_name(
       args.model,
@@ -268,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   status = 0
   if to_run and args.strategy == "processes":
-    status = _run_processes(args, to_run, folder, fp)
+    status = _run_processes(args, to_run, folder, fp, cache.dir)
   elif to_run:
     status = _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory)
   plots = not args.no_plots and run_folder.plotting_available()
@@ -298,11 +301,15 @@ def _final(record: dict[str, Any]) -> str:
   return f"{record['gem_stats']['final']:.4f}"
 
 
-def _worker(parser_argv, seeds, folder, fp, jobs, messages) -> None:
-  """A worker process: the plain compiled run (as `python -m cljax`) for each job it takes."""
+def _worker(parser_argv, seeds, folder, fp, jobs, messages, cache_dir) -> None:
+  """A worker process: the plain compiled run (as `python -m cljax`) for each job it takes.
+
+  cache_dir: the parent's compilation cache folder (None: no cache).
+  """
   _die_with_parent()
   parent = os.getppid()
   try:
+    compile_cache.enable(cache_dir)  # the parent has checked the folder and warned
     args, _ = setup.parse_args(parser_argv, build_parser())
     config = setup.train_config(args)
     data_path, _ = setup.data_path_for(args)
@@ -323,8 +330,11 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages) -> None:
     messages.put(("error", None, None, f"{type(e).__name__}: {e}"))
 
 
-def _run_processes(args, to_run, folder, fp) -> int:
-  """Runs the missing pairs in worker processes, one per core: each the plain compiled run."""
+def _run_processes(args, to_run, folder, fp, cache_dir) -> int:
+  """Runs the missing pairs in worker processes, one per core: each the plain compiled run.
+
+  cache_dir: the compilation cache folder of the workers (None: no cache).
+  """
   n_workers = min(len(to_run), args.workers or _cores())
   print(
     f"{len(to_run)} runs in {n_workers} worker process(es), strategy processes (each run is "
@@ -340,7 +350,11 @@ def _run_processes(args, to_run, folder, fp) -> int:
   seeds = sorted({seed for _, seed in to_run})
   parser_argv, _ = split_grid(args.argv)
   workers = [
-    ctx.Process(target=_worker, args=(parser_argv, seeds, folder, fp, jobs, messages), daemon=True)
+    ctx.Process(
+      target=_worker,
+      args=(parser_argv, seeds, folder, fp, jobs, messages, cache_dir),
+      daemon=True,
+    )
     for _ in range(n_workers)
   ]
   start = time.perf_counter()

@@ -116,6 +116,7 @@ sys.exit(status)
 def peak_rss_mb(flags: tuple[str, ...], save_path: str) -> float:
   """Peak resident memory (MB) of one run of `python -m cljax` (seed 0) in its own process."""
   argv = [*flags, "--seed", "0", "--log_every", "0", "--no_plots", "--save_path", save_path]
+  argv += ["--no_compile_cache"]  # a compile, not a cache load: the compiler's memory counts
   out = subprocess.run(
     [sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, check=True
   ).stdout

@@ -5,8 +5,9 @@ compile the very same program (the same configuration in several modules, the pl
 sweep's worker processes). JAX's persistent compilation cache, in a folder made for this session
 and removed after it, compiles each program once: a program loaded from the cache is the same
 executable, so results are unchanged bit for bit. Worker processes get the folder through the
-environment. Every program is cached, however quick its compile (JAX's default skips those under
-1 s, which are most of the suite's small runs, compiled again in other test files and processes).
+environment (JAX_COMPILATION_CACHE_DIR, and CLJAX_CACHE_DIR for the command lines). Every program
+is cached, however quick its compile (JAX's default skips those under 1 s, which are most of the
+suite's small runs, compiled again in other test files and processes).
 
 The suite compiles at LLVM optimisation level 1 instead of 2 (`golden_runs.SUITE_XLA_FLAG`, in
 XLA_FLAGS for this process and its subprocesses): compiling is most of the suite's time, level 1
@@ -40,6 +41,7 @@ if not _XLA_CACHE:
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE  # for subprocesses and workers
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # subprocesses too
+os.environ["CLJAX_CACHE_DIR"] = _XLA_CACHE  # the CLIs' cache too, never the user's ~/.cache/cljax
 jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 

@@ -52,6 +52,7 @@ RECORD_KEYS = {
   "unused_flags",
   "stream",
   "schedule",
+  "compile_cache",
 }
 PNGS = {run_folder.MATRIX_PNG, run_folder.CURVES_PNG}
 
