@@ -334,6 +334,29 @@ def apply_transform(x: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array) -> j
   return out * PIXEL_SCALE
 
 
+def fold_pixel_map(kernel: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array) -> jax.Array:
+  """A first-layer kernel that reads base images instead of the task's transformed ones.
+
+  A task's pixel map is linear, x_t = A x (`apply_transform`), so (A x) W = x (A' W):
+  W'[j] = sum over (i, k) with pix_idx_t[i, k] = j of pix_w_t[i, k] W[i]. For a permutation this
+  is W with its rows moved (exact); for a rotation each input pixel gathers the weights of the
+  output pixels that read it. The same math as transforming the images, rounded differently.
+
+  Args:
+    kernel: (D, H) the first Dense layer's kernel.
+    pix_idx_t: (D, K) int32, one task's input-pixel indices (`TaskStream.pix_idx[t]`).
+    pix_w_t: (D, K) float32, their weights (`TaskStream.pix_w[t]`).
+
+  Returns:
+    (D, H) W', with x @ W' = apply_transform(x) @ kernel up to float rounding (x scaled by
+    PIXEL_SCALE as apply_transform does).
+  """
+  contrib = pix_w_t[..., None] * kernel[:, None, :]  # (D, K, H)
+  return jax.ops.segment_sum(
+    contrib.reshape(-1, kernel.shape[1]), pix_idx_t.reshape(-1), num_segments=kernel.shape[0]
+  )
+
+
 def _check_batch_size(stream: TaskStream, batch_size: int) -> int:
   batch_size = _check_int(batch_size, "batch_size", minimum=1)
   s = stream.train_idx.shape[1]

@@ -316,14 +316,21 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
     bs = min(config.eval_batch_size, n_test)
     n_batches = math.ceil(n_test / bs)
     pad = n_batches * bs - n_test
-    task_params = jax.vmap(lambda i, w: _fold_pixel_map(params, i, w))(stream.pix_idx, stream.pix_w)
+    first = params["hidden_0"]
+    kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(None, 0, 0))(
+      first["kernel"], stream.pix_idx, stream.pix_w
+    )  # (T, D, H)
     x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
     y_all = jnp.pad(stream.test_y, (0, pad), constant_values=-1).reshape(n_batches, bs)
 
     def one_batch(args):
       x, y = args
       x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
-      logits = jax.vmap(lambda p: model.apply({"params": p}, x))(task_params)  # (T, bs, classes)
+
+      def task_logits(kernel):  # (bs, classes) with task t's folded first layer
+        return model.apply({"params": {**params, "hidden_0": {**first, "kernel": kernel}}}, x)
+
+      logits = jax.vmap(task_logits)(kernels)  # (T, bs, classes)
       return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
 
     correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
@@ -420,20 +427,6 @@ def make_train(
 
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
-
-
-def _fold_pixel_map(params, pix_idx: jax.Array, pix_w: jax.Array):
-  """Params whose first layer reads base images instead of the task's transformed ones.
-
-  W'[j] = sum over (i, k) with pix_idx[i, k] = j of pix_w[i, k] W[i], so x W' = (A x) W for the
-  task's pixel map A (pix_idx, pix_w: (D, K)).
-  """
-  kernel = params["hidden_0"]["kernel"]  # (D, H)
-  contrib = pix_w[..., None] * kernel[:, None, :]  # (D, K, H)
-  folded = jax.ops.segment_sum(
-    contrib.reshape(-1, kernel.shape[1]), pix_idx.reshape(-1), num_segments=kernel.shape[0]
-  )
-  return {**params, "hidden_0": {**params["hidden_0"], "kernel": folded}}
 
 
 _STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numerics
 import numpy as np
 import pytest
 
@@ -276,6 +277,52 @@ def test_eval_set_jit_vmap(stream):
   xs, ys = jax.jit(jax.vmap(lambda t: tasks.eval_set(stream, t)))(jnp.arange(4))
   assert xs.shape == (4, 50, D) and ys.shape == (4, 50)
   np.testing.assert_allclose(xs[2], _reference(stream, np.asarray(stream.test_x), 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["permutations", "rotations"])
+def test_folded_first_layer_and_evaluation_equal_transforming_the_images(small_dataset, protocol):
+  """x (A' W) = (A x) W for every task's map, and make_evaluate's accuracies are the plain ones.
+
+  Both sides sum the same D x K products pix_w * x * W in another order (the fold first adds the
+  weights of the output pixels that read an input pixel), so they differ by rounding only: the
+  bound is `numerics.sum_atol` of those products (all x, pix_w >= 0).
+  """
+  from cljax.models import make_mlp
+  from cljax.train import Config, make_evaluate
+
+  stream = tasks.make_stream(
+    small_dataset, protocol=protocol, n_tasks=4, samples_per_task=10, max_rot=180.0, seed=2
+  )
+  model = make_mlp(100, 2)
+  params = model.init(jax.random.key(0), jnp.zeros((1, D)))["params"]
+  kernel = params["hidden_0"]["kernel"]
+  base = np.asarray(stream.test_x, np.float32) * tasks.PIXEL_SCALE
+  K = stream.pix_idx.shape[-1]
+  plain_acc, ties = [], []
+  for t in range(4):
+    x, y = tasks.eval_set(stream, t)
+    folded = tasks.fold_pixel_map(kernel, stream.pix_idx[t], stream.pix_w[t])
+    h_plain, h_folded = np.asarray(x @ kernel), np.asarray(base @ folded)
+    atol = numerics.sum_atol(np.asarray(x) @ np.abs(np.asarray(kernel)), 2 * D * K)
+    np.testing.assert_allclose(h_folded, h_plain, rtol=0, atol=atol)
+    if protocol == "permutations":  # W' is W with its rows moved: the products are the same
+      np.testing.assert_array_equal(np.asarray(folded)[stream.pix_idx[t, :, 0]], kernel)
+    # The measured first-layer difference reaches the logits through |W_1| |W_out| at most (ReLU
+    # is 1-Lipschitz), plus the later layers' own rounding (H-term sums): every example's top-two
+    # margin wider than twice that keeps its prediction; only the few near ties may flip.
+    w1, w2 = (np.abs(np.asarray(params[n]["kernel"])) for n in ("hidden_1", "out"))
+    h1 = np.maximum(h_plain + np.asarray(params["hidden_0"]["bias"]), 0)
+    h2 = np.maximum(h1 @ np.asarray(params["hidden_1"]["kernel"]), 0)
+    later = numerics.sum_atol((h1 @ w1) @ w2, 100) + numerics.sum_atol(h2 @ w2, 100)
+    bound = np.max(np.abs(h_folded - h_plain)) * np.max(np.sum(w1 @ w2, axis=0)) + later
+    logits = np.asarray(model.apply({"params": params}, x))
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    ties.append(int(np.sum(top2[:, 1] - top2[:, 0] <= 2 * bound)))
+    assert ties[-1] <= 3, ties  # of 50: the comparison below stays sharp
+    plain_acc.append(np.mean(np.argmax(logits, -1) == np.asarray(y)))
+  for bs in (50, 7):  # one batch, and batches with padding
+    acc = jax.jit(make_evaluate(Config(eval_batch_size=bs)))(params, stream)
+    np.testing.assert_array_less(np.abs(np.asarray(acc) - plain_acc), (np.asarray(ties) + 0.5) / 50)
 
 
 def test_batch_size_checks(stream):
