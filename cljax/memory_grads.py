@@ -8,9 +8,10 @@ For each past task k < t, r_k = grad L_k, L_k task k's mean loss on its memory s
   products, and no (t, p) row is formed;
 - explicit: one backward pass per past task (works for any differentiable model), rows as pytrees.
 
-Both compute the same numbers up to float rounding. The factored work is proportional to the task
-slots read, so `on_past_slots` runs it on the first n task slots only, n the smallest of a few
-compiled counts >= t.
+Both compute the same numbers up to float rounding. The factored work is kept proportional to the
+past tasks with static shapes: `past_grad_sum` loops over blocks of tasks (`task_blocks`, one
+compiled body), and `on_past_slots` runs a function on the first n task slots only, n the smallest
+of a few compiled counts >= t (for terms that need all past examples at once, e.g. GEM's Gram).
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ def batch_factors(ctx: StepContext) -> ExampleGrads:
   return example_grads(ctx.apply, ctx.params, ctx.x, ctx.y)
 
 
-def factored_checks(ctx: StepContext, mem: ExampleGrads, w: jax.Array) -> jax.Array:
-  """(n,) <g, r_k> = sum_i w_ki mean_b K_ib, K the memory x batch gradient Gram; w (n, M)."""
-  k_mb = gram(ctx.params, mem, batch_factors(ctx))  # (n * M, B)
+def factored_checks(
+  ctx: StepContext, mem: ExampleGrads, w: jax.Array, batch: ExampleGrads | None = None
+) -> jax.Array:
+  """(n,) <g, r_k> = sum_i w_ki mean_b K_ib, K the memory x batch gradient Gram; w (n, M).
+
+  batch: the step batch's factors (`batch_factors(ctx)`, computed here when None).
+  """
+  batch = batch_factors(ctx) if batch is None else batch
+  k_mb = gram(ctx.params, mem, batch)  # (n * M, B)
   return jnp.sum(w * jnp.mean(k_mb, axis=1).reshape(w.shape), axis=1)
 
 
@@ -108,17 +115,7 @@ def past_grad_sum(
   """
   T_all = ctx.memory.x.shape[0]
   if mode == "factored":
-
-    def factored(c: StepContext):
-      w = past_weights(c.memory, c.t)
-      mem = memory_factors(c)
-      row_sum = weighted_grad(c.params, mem, w.reshape(-1))
-      if not checks:
-        return row_sum, None
-      dots = factored_checks(c, mem, w)
-      return row_sum, jnp.zeros((T_all,), dots.dtype).at[: dots.shape[0]].set(dots)
-
-    return on_past_slots(factored, ctx)
+    return _blocked_past_grad_sum(ctx, checks)
 
   # explicit: one past task at a time, so the work grows with the number of past tasks, not
   # with T; each check is a forward-mode derivative of L_k along g (no p-length dot product).
@@ -136,6 +133,47 @@ def past_grad_sum(
 
   init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((T_all,), jnp.float32))
   row_sum, dots = jax.lax.fori_loop(0, ctx.t, body, init)
+  return row_sum, dots if checks else None
+
+
+def task_blocks(n_tasks: int) -> tuple[int, int]:
+  """(tasks per block, blocks): the factored memory work reads ceil(t / B) blocks of B tasks.
+
+  B = ceil(T / N_BUCKETS), so a step with t past tasks reads at most B - 1 tasks more than t.
+  """
+  size = math.ceil(n_tasks / N_BUCKETS)
+  return size, math.ceil(n_tasks / size)
+
+
+def _blocked_past_grad_sum(ctx: StepContext, checks: bool):
+  """past_grad_sum's factored form: a loop over the blocks of tasks that hold past tasks.
+
+  Block i covers tasks [i B, (i + 1) B); its slice of the memory starts at min(i B, T - B), so
+  the last block may overlap the one before: tasks already covered get weight 0 there.
+  """
+  m, T = ctx.memory, ctx.memory.x.shape[0]
+  size, _ = task_blocks(T)
+  w_all = past_weights(m, ctx.t)
+  batch = batch_factors(ctx) if checks else None
+
+  def block(i, carry):
+    row_sum, dots = carry
+    start = jnp.minimum(i * size, T - size)
+    tasks = start + jnp.arange(size)
+    piece = jax.tree.map(
+      lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=0), (m.x, m.y, m.filled)
+    )
+    c = ctx._replace(memory=m._replace(x=piece[0], y=piece[1], filled=piece[2]))
+    w = jax.lax.dynamic_slice_in_dim(w_all, start, size, axis=0) * (tasks >= i * size)[:, None]
+    mem = memory_factors(c)
+    row_sum = jax.tree.map(jnp.add, row_sum, weighted_grad(c.params, mem, w.reshape(-1)))
+    if checks:
+      dots = dots.at[tasks].add(factored_checks(c, mem, w, batch))
+    return row_sum, dots
+
+  init = (jax.tree.map(jnp.zeros_like, ctx.params), jnp.zeros((T,), jnp.float32))
+  n_blocks = (ctx.t + size - 1) // size
+  row_sum, dots = jax.lax.fori_loop(0, n_blocks, block, init)
   return row_sum, dots if checks else None
 
 

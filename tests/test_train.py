@@ -14,8 +14,9 @@ import pytest
 from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.memory import Memory, write_memory
-from cljax.memory_grads import past_slot_counts
+from cljax.memory_grads import mean_loss, past_grad_sum, past_slot_counts
 from cljax.models import make_mlp
+from cljax.rules.base import StepContext
 from cljax.train import VARIANTS, Config, HParams, make_evaluate, make_train, schedule
 
 N_TASKS, TEST = conftest.ENGINE_TASKS, 500
@@ -194,6 +195,40 @@ def test_past_slot_counts_cover_every_task_count_with_at_most_four_variants(T, e
   sizes = past_slot_counts(T)
   assert sizes == expected
   assert all(any(n >= t for n in sizes) for t in range(1, T))  # every step has a variant
+
+
+def test_blocked_memory_rows_equal_one_pass_per_task_for_every_past_task_count():
+  # The factored sum of the past rows and GEM's checks loop over blocks of ceil(T / 4) tasks;
+  # T = 11: blocks of 3, the last one (tasks 8-10) overlaps the one before and is read at t = 10.
+  # Against the explicit rows, one backward pass per task, for every t, with a task of
+  # half-filled slots. Two programs: the bounds are those of the summed terms (`numerics`).
+  T, M = 11, 4
+  rng = np.random.default_rng(0)
+  model = make_mlp(16, 2, n_inputs=20)
+  params = model.init(jax.random.key(1), jnp.zeros((1, 20)))["params"]
+  memory = Memory(
+    jnp.asarray(rng.random((T, M, 20), np.float32)),
+    jnp.asarray(rng.integers(0, 10, (T, M)), jnp.int32),
+    jnp.ones((T, M), bool).at[4, 2:].set(False),
+    jnp.zeros((), jnp.int32),
+  )
+  x, y = jnp.asarray(rng.random((1, 20), np.float32)), jnp.asarray([3])
+
+  def terms(t, mode):
+    apply = lambda p, v: model.apply({"params": p}, v)  # noqa: E731
+    ctx = StepContext(t, params, x, y, memory, HParams(0.1, 0.5), jax.random.key(0), apply)
+    return past_grad_sum(ctx, mode, checks=True)
+
+  factored, explicit = (jax.jit(lambda t, m=m: terms(t, m)) for m in ("factored", "explicit"))
+  g = jax.grad(lambda p: mean_loss(lambda q, v: model.apply({"params": q}, v), p, x, y))(params)
+  for t in range(1, T):
+    (row_f, dots_f), (row_e, dots_e) = factored(t), explicit(t)
+    for a, b in zip(jax.tree.leaves(row_f), jax.tree.leaves(row_e), strict=True):
+      np.testing.assert_allclose(a, b, rtol=0, atol=numerics.sum_atol(np.abs(b) + 1e-3, t * M))
+    assert np.all(np.asarray(dots_f)[t:] == 0) and np.all(np.asarray(dots_e)[t:] == 0)
+    flat = [np.concatenate([np.ravel(v) for v in jax.tree.leaves(r)]) for r in (g, row_e)]
+    atol = numerics.dot_atol(*flat)
+    np.testing.assert_allclose(dots_f[:t], dots_e[:t], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 4])

@@ -34,19 +34,32 @@ def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> R
       g_new, info = gem_project(g, memory_grads.past_rows(ctx), **qp_args)
       return g_new, qp_stats(info.violated, info.projected, info.qp)
 
-    def factored(c: StepContext):
+    # The factored terms are computed on the first n task slots (`on_past_slots`) and padded to
+    # T: the QP is solved once at size T (masked), not once per compiled slot count.
+    T, M = ctx.memory.x.shape[:2]
+    batch = memory_grads.batch_factors(ctx)  # once, outside the compiled slot counts
+
+    def terms(c: StepContext):
       w = past_weights(c.memory, c.t)  # (n, M): row k = sum_i w_ki grad l_i
       mem = memory_grads.memory_factors(c)
-      P = memory_grads.task_gram(c, mem, w)
-      q = memory_grads.factored_checks(c, mem, w)
-      v, info = gem_dual(P, q, **{**qp_args, "mask": past[: w.shape[0]]})
+      pad = T - w.shape[0]
+      P = jnp.pad(memory_grads.task_gram(c, mem, w), ((0, pad), (0, pad)))
+      q = jnp.pad(memory_grads.factored_checks(c, mem, w, batch), (0, pad))
+      rows = [(0, pad * M)]
+      return P, q, jax.tree.map(lambda a: jnp.pad(a, rows + [(0, 0)] * (a.ndim - 1)), mem)
 
-      def add_rows(_):
-        return jax.tree.map(jnp.add, g, weighted_grad(c.params, mem, (v[:, None] * w).reshape(-1)))
+    P, q, mem = memory_grads.on_past_slots(terms, ctx)
+    v, info = gem_dual(P, q, **qp_args)
 
-      g_new = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
-      return g_new, qp_stats(info.violated, info.projected, info.qp)
+    def add_rows(c: StepContext):  # g + G'v on the same first n task slots
+      n = c.memory.x.shape[0]
+      rows = jax.tree.map(lambda a: a[: n * M], mem)
+      coef = (v[:n, None] * past_weights(c.memory, c.t)).reshape(-1)
+      return jax.tree.map(jnp.add, g, weighted_grad(c.params, rows, coef))
 
-    return memory_grads.on_past_slots(factored, ctx)
+    g_new = jax.lax.cond(
+      info.projected, lambda: memory_grads.on_past_slots(add_rows, ctx), lambda: g
+    )
+    return g_new, qp_stats(info.violated, info.projected, info.qp)
 
   return stateless(lambda g, ctx: when_past(ctx, lambda: project(g, ctx), g))

@@ -54,40 +54,56 @@ def grouped(
 
   def project(g, ctx: StepContext, state):
     past = ctx.past
+    T, M = ctx.memory.x.shape[:2]
     assignments = [state.assignments[layer] for layer in range(state.assignments.shape[0])]
+    batch = memory_grads.batch_factors(ctx)  # once, outside the compiled slot counts
 
-    def factored(c: StepContext):
+    def slot_rows(c: StepContext):
+      """The first n task slots' factors, their scales and the row weights S (n, n M)."""
       w = past_weights(c.memory, c.t)  # (n, M)
-      n, M = w.shape
-      mem = memory_grads.memory_factors(c)
+      n = w.shape[0]
       S = (jnp.eye(n, dtype=w.dtype)[:, :, None] * w[None]).reshape(n, n * M)  # task k's slots
-      h = state.h[:n]
+      task_of_slot = jnp.repeat(jnp.arange(n), M)
       scales = example_scales(
-        c.params, assignments, h, jnp.repeat(jnp.arange(n), M), bias_once=config.bias_once
+        c.params, assignments, state.h[:n], task_of_slot, bias_once=config.bias_once
       )
-      P, q = grouped_terms(c.params, mem, scales, S, memory_grads.batch_factors(c))
-      mask = past[:n]
-      if kind == "gem_grouped":
-        v, info = gem_dual(P, q, mask=mask, eps=eps, max_iter=max_iter)
+      return S, scales
 
-        def add_rows(_):
-          return jax.tree.map(jnp.add, g, grouped_row_sum(c.params, mem, scales, S, v))
+    # The terms are computed on the first n task slots (`on_past_slots`) and padded to T, so the
+    # QP and the projections are compiled once, not once per slot count.
+    def terms(c: StepContext):
+      mem = memory_grads.memory_factors(c)
+      S, scales = slot_rows(c)
+      P, q = grouped_terms(c.params, mem, scales, S, batch)
+      pad = T - S.shape[0]
+      rows = jax.tree.map(lambda a: jnp.pad(a, [(0, pad * M)] + [(0, 0)] * (a.ndim - 1)), mem)
+      return jnp.pad(P, ((0, pad), (0, pad))), jnp.pad(q, (0, pad)), rows
 
-        g_new = jax.lax.cond(info.projected, add_rows, lambda _: g, None)
-        return g_new, qp_stats(info.violated, info.projected, info.qp)
-      n_past = jnp.maximum(c.t, 1).astype(jnp.float32)
-      ref = grouped_row_sum(c.params, mem, scales, S, jnp.where(mask, 1.0 / n_past, 0.0))
-      if kind == "agem_grouped":
-        return conditional_projection(g, ref, None, c)
-      any_conflict = jnp.any((q < 0) & mask)  # agem_qp_grouped: GEM's per-task check
-      # The seed's averaged h: the mean over past tasks and non-empty groups. Each column of h
-      # has mean 1 + margin over the past tasks (`transform_relatedness`), so this is 1 + margin
-      # whatever the relatedness (until the first recompute of a task: plain rows, 1).
-      valid = mask[:, None, None] & group_mask(state)[None]
-      margin = jnp.sum(jnp.where(valid, h, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-      return one_row_qp(g, ref, margin, any_conflict, eps=eps, max_iter=max_iter)
+    P, q, mem = memory_grads.on_past_slots(terms, ctx)
 
-    return memory_grads.on_past_slots(factored, ctx)
+    def row_sum(v):  # sum_k v_k row_k, (T,) v, on the same first n task slots
+      def on_slots(c: StepContext):
+        S, scales = slot_rows(c)
+        rows = jax.tree.map(lambda a: a[: S.shape[1]], mem)
+        return grouped_row_sum(c.params, rows, scales, S, v[: S.shape[0]])
+
+      return memory_grads.on_past_slots(on_slots, ctx)
+
+    if kind == "gem_grouped":
+      v, info = gem_dual(P, q, mask=past, eps=eps, max_iter=max_iter)
+      g_new = jax.lax.cond(info.projected, lambda: jax.tree.map(jnp.add, g, row_sum(v)), lambda: g)
+      return g_new, qp_stats(info.violated, info.projected, info.qp)
+    n_past = jnp.maximum(ctx.t, 1).astype(jnp.float32)
+    ref = row_sum(jnp.where(past, 1.0 / n_past, 0.0))
+    if kind == "agem_grouped":
+      return conditional_projection(g, ref, None, ctx)
+    any_conflict = jnp.any((q < 0) & past)  # agem_qp_grouped: GEM's per-task check
+    # The seed's averaged h: the mean over past tasks and non-empty groups. Each column of h
+    # has mean 1 + margin over the past tasks (`transform_relatedness`), so this is 1 + margin
+    # whatever the relatedness (until the first recompute of a task: plain rows, 1).
+    valid = past[:, None, None] & group_mask(state)[None]
+    margin = jnp.sum(jnp.where(valid, state.h, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return one_row_qp(g, ref, margin, any_conflict, eps=eps, max_iter=max_iter)
 
   def init(params, n_tasks):
     n_classes = params["out"]["bias"].shape[0]
