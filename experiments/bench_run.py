@@ -1,30 +1,37 @@
-"""Run benchmark: compile time, run time, time per training step and peak memory per variant.
+"""Run benchmark: compile cold and warm, run time against its floor, evaluation rate, peak memory.
 
 The seed's configuration (Fashion-MNIST permutations, 10 tasks x 1000 samples, batch 1, MLP
-2 x 100, n_memories 10, memory_strength 10, lr 0.01, seed 3). Each variant runs in its own process,
-so its peak resident memory (max RSS, data included) is its own. Per variant:
+2 x 100, n_memories 10, memory_strength 10, lr 0.01, seed 3, an evaluation every 100 steps). Each
+variant runs in two fresh processes sharing an empty compilation-cache folder, so that the peak
+resident memory (max RSS, data included) is the variant's own and the warm compile is what a
+second `make run` pays:
 
-  compile   jit lowering + XLA compile of the whole run (log_every 100)
-  e2e       the compiled run with GEM's evaluation schedule (101 evaluations of 10 x 10,000
-            test images), median of --repeats runs
-  train     the run with evaluation only at task ends (log_every 0: 11 evaluations), minus those
-            11 evaluations timed on their own: training steps only
-  step      train / 10,000 steps
-  eval      one evaluation of all 10 tasks (median), and its throughput in GFLOP/s
+  compile cold  lowering + XLA compile of the whole run, empty cache (first process)
+  compile warm  the same in a second process: the program comes from JAX's persistent cache
+  run           the compiled run (101 evaluations of 10 x 10,000 test images), median of --repeats
+  floor         the run's flops at the float32 matmul rate measured in the same process (a 2048^3
+                product): 101 evaluations x 2 x 89,610 flop per test image and task, plus the
+                training flops, forward + backward (6 x 89,610 flop) of the step's example and of
+                the t x n_memories memory examples of the t past tasks
+  run / floor   how far the run is from the machine's matmul rate
+  eval          one evaluation of all 10 tasks (median of 5), GFLOP/s and its share of the rate
+  train         the run minus its 101 evaluations, and per training step
+  peak MB       the first process's max RSS (compiling is most of it)
 
-The floating-point floor of the training work is printed next to it: forward + backward of the
-current example and of t x n_memories memory examples per step, 6 x 89,610 flop per example,
-at the matmul throughput measured in the same process (a 2048^3 float32 matmul).
+With --e2e the whole process `python -m cljax --model V` is also timed, with an empty cache and
+again with a warm one (median of --e2e_repeats): what `make run VARIANT=V` costs.
 
-    python experiments/bench_run.py [--variants ...] [--repeats 3] [--out FILE]
+    python experiments/bench_run.py [--variants ...] [--repeats 3] [--e2e] [--out FILE]
 """
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -34,19 +41,10 @@ from cljax import data, tasks
 from cljax.run_folder import write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
-# PyTorch GEM code on this kind of 2-core machine (torch 2.13 CPU, quadprog 0.1.14), seconds:
-# end to end with log_every 100 / training only.
-REFERENCE = {
-  "gem": (124, 101),
-  "agem_old": (104, 78),
-  "agem_qp_mean": (147, 123),
-  "agem_new": (40, 35),
-  "agem": (39, 25),  # paper A-GEM, task-mean reference
-  "single": (47, 7.7),
-}
-VARIANTS = ["single", *(v for v in REFERENCE if v != "single")]  # those with a PyTorch figure
-PARAMS = 89_610
-T, S, M = 10, 1000, 10
+VARIANTS = ["single", "agem", "agem_old", "agem_new", "agem_qp_mean", "gem", "gem_grouped"]
+PARAMS = 89_610  # the MLP 784-100-100-10's parameters: flop per example and layer pass / 2
+T, S, M, EVERY = 10, 1000, 10, 100
+N_EVALS = T * (S // EVERY) + 1  # GEM's schedule and the baseline
 
 
 def _median_time(fn, repeats):
@@ -58,8 +56,15 @@ def _median_time(fn, repeats):
   return statistics.median(times)
 
 
-def measure(variant: str, agem_ref: str, repeats: int) -> dict:
-  """One variant, in this process: the numbers of the table."""
+def _matmul_gflops() -> float:
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(mm(a))
+  return 2 * 2048**3 / _median_time(lambda: jax.block_until_ready(mm(a)), 10) / 1e9
+
+
+def measure(variant: str, repeats: int, warm_only: bool) -> dict:
+  """One variant in this process (its compilation cache set by the parent)."""
   stream = tasks.make_stream(
     data.load_dataset("fashion_mnist"),
     protocol="permutations",
@@ -68,86 +73,113 @@ def measure(variant: str, agem_ref: str, repeats: int) -> dict:
     seed=3,
   )
   key = jax.random.key(3)
-  out = {"variant": variant, "agem_ref": agem_ref if variant == "agem" else None}
-
-  cfg = Config(variant=variant, agem_ref=agem_ref, log_every=100)
+  cfg = Config(variant=variant, log_every=EVERY, agem_ref="task_mean")
   t0 = time.perf_counter()
-  e2e = jax.jit(make_train(cfg)).lower(key, stream).compile()
-  out["compile_s"] = time.perf_counter() - t0
-  result = jax.block_until_ready(e2e(key, stream))  # warm
-  out["e2e_s"] = _median_time(lambda: jax.block_until_ready(e2e(key, stream)), repeats)
-
-  quiet = jax.jit(make_train(Config(variant=variant, agem_ref=agem_ref, log_every=0)))
-  quiet = quiet.lower(key, stream).compile()
-  jax.block_until_ready(quiet(key, stream))
-  quiet_s = _median_time(lambda: jax.block_until_ready(quiet(key, stream)), repeats)
+  run = jax.jit(make_train(cfg)).lower(key, stream).compile()
+  out = {"variant": variant, "compile_s": time.perf_counter() - t0}
+  if warm_only:
+    return out
+  result = jax.block_until_ready(run(key, stream))  # warm-up
+  out["run_s"] = _median_time(lambda: jax.block_until_ready(run(key, stream)), repeats)
   evaluate = jax.jit(make_evaluate(cfg)).lower(result.params, stream).compile()
   jax.block_until_ready(evaluate(result.params, stream))
   out["eval_s"] = _median_time(lambda: jax.block_until_ready(evaluate(result.params, stream)), 5)
-  out["train_s"] = max(quiet_s - (T + 1) * out["eval_s"], 0.0)
-  out["step_us"] = out["train_s"] / (T * S) * 1e6
-  n_test = stream.test_x.shape[0]
-  eval_flop = 2 * T * n_test * PARAMS
-  out["eval_gflops"] = eval_flop / out["eval_s"] / 1e9
-
-  a = jnp.ones((2048, 2048), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
-  jax.block_until_ready(mm(a))
-  out["matmul_gflops"] = 2 * 2048**3 / _median_time(lambda: jax.block_until_ready(mm(a)), 10) / 1e9
+  out["matmul_gflops"] = _matmul_gflops()
+  eval_flop = 2 * T * stream.test_x.shape[0] * PARAMS
   memory_examples = 0 if variant == "single" else M * sum(range(T))  # t x M, summed over tasks
-  out["train_tflop"] = 6 * PARAMS * (T * S + S * memory_examples) / 1e12
-  out["floor_s"] = out["train_tflop"] * 1e12 / (out["matmul_gflops"] * 1e9)
+  train_flop = 6 * PARAMS * (T * S + S * memory_examples)
+  out["eval_gflops"] = eval_flop / out["eval_s"] / 1e9
+  out["floor_s"] = (N_EVALS * eval_flop + train_flop) / (out["matmul_gflops"] * 1e9)
+  out["train_s"] = max(out["run_s"] - N_EVALS * out["eval_s"], 0.0)
+  out["train_floor_s"] = train_flop / (out["matmul_gflops"] * 1e9)
   out["final"] = float(jnp.mean(result.acc[-1]))
   out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return out
 
 
+def _child(variant, cache, repeats, warm_only):
+  cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(repeats)]
+  cmd += ["--warm_only"] if warm_only else []
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{variant}: failed\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _e2e(variant, repeats):
+  """Whole-process wall time of `python -m cljax --model variant`: (cold, warm) medians."""
+  cold, warm = [], []
+  for _ in range(repeats):
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as save:
+      cmd = [sys.executable, "-m", "cljax", "--model", variant, "--save_path", save, "--no_plots"]
+      env = {**os.environ, "CLJAX_CACHE_DIR": cache}
+      for times in (cold, warm):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True, env=env)
+        times.append(time.perf_counter() - t0)
+  return statistics.median(cold), statistics.median(warm)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", nargs="+", default=VARIANTS)
-  parser.add_argument("--agem_ref", default="task_mean", choices=["pooled", "task_mean"])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--e2e", nargs="*", default=None, help="variants to time as whole processes")
+  parser.add_argument("--e2e_repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
+  parser.add_argument("--warm_only", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args.one:
-    print(json.dumps(measure(args.one, args.agem_ref, args.repeats)))
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    print(json.dumps(measure(args.one, args.repeats, args.warm_only)))
     return
 
   rows = []
   for variant in args.variants:
-    cmd = [sys.executable, __file__, "--one", variant, "--agem_ref", args.agem_ref]
-    cmd += ["--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-      print(f"{variant}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
-      continue
-    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as cache:
+      row = _child(variant, cache, args.repeats, warm_only=False)
+      row["warm_compile_s"] = _child(variant, cache, args.repeats, warm_only=True)["compile_s"]
+    rows.append(row)
     print(f"measured {variant}", file=sys.stderr, flush=True)
 
-  header = (
-    "| variant | compile s | e2e s (ref) | x faster | train s (ref) | x faster | step us | "
-    "floor s | eval s | eval GFLOP/s | peak MB |"
-  )
-  lines = [header, "|" + " --- |" * 11]
+  lines = [
+    "| variant | compile cold s | compile warm s | run s | floor s | run / floor | eval s | "
+    "eval GFLOP/s (% of matmul) | train s (floor) | step us | peak MB |",
+    "|" + " --- |" * 11,
+  ]
   for r in rows:
-    ref_e2e, ref_train = REFERENCE[r["variant"]]
-    name = r["variant"] + (f" ({r['agem_ref']})" if r["agem_ref"] else "")
     lines.append(
-      f"| {name} | {r['compile_s']:.1f} | {r['e2e_s']:.2f} ({ref_e2e}) | "
-      f"{ref_e2e / r['e2e_s']:.1f} | {r['train_s']:.2f} ({ref_train}) | "
-      f"{ref_train / max(r['train_s'], 1e-9):.1f} | {r['step_us']:.0f} | {r['floor_s']:.2f} | "
-      f"{r['eval_s']:.3f} | {r['eval_gflops']:.0f} | {r['peak_rss_mb']:.0f} |"
+      f"| {r['variant']} | {r['compile_s']:.1f} | {r['warm_compile_s']:.2f} | {r['run_s']:.2f} | "
+      f"{r['floor_s']:.2f} | {r['run_s'] / r['floor_s']:.2f} | {r['eval_s']:.3f} | "
+      f"{r['eval_gflops']:.0f} ({100 * r['eval_gflops'] / r['matmul_gflops']:.0f}%) | "
+      f"{r['train_s']:.2f} ({r['train_floor_s']:.2f}) | {r['train_s'] / (T * S) * 1e6:.0f} | "
+      f"{r['peak_rss_mb']:.0f} |"
     )
   matmul = statistics.median(r["matmul_gflops"] for r in rows) if rows else float("nan")
-  lines.append("")
-  lines.append(
-    f"Medians of {args.repeats} runs after a warm-up; compile separately. Reference (ref): the "
-    "PyTorch GEM code on this kind of machine. floor: training flops at the measured matmul "
-    f"throughput ({matmul:.0f} GFLOP/s, 2048^3 float32). eval: one evaluation of 10 tasks x "
-    "10,000 test images (2 x 89,610 flop per image). peak MB: max RSS of the variant's process."
-  )
+  lines += [
+    "",
+    f"Medians of {args.repeats} runs after a warm-up; float32 matmul rate {matmul:.0f} GFLOP/s "
+    "(2048^3, measured in each variant's process). agem is the A-GEM paper's rule with the "
+    "task-mean reference. train = run - 101 evaluations.",
+  ]
+  if args.e2e is not None:
+    lines += [
+      "",
+      "| variant | `python -m cljax` cold cache s | warm cache s |",
+      "| --- | --- | --- |",
+    ]
+    for variant in args.e2e or ["agem_new", "gem"]:
+      cold, warm = _e2e(variant, args.e2e_repeats)
+      lines.append(f"| {variant} | {cold:.1f} | {warm:.1f} |")
+    lines += [
+      "",
+      f"Whole process (import, data, compile, run, results), median of {args.e2e_repeats}.",
+    ]
   text = "\n".join(lines)
   print(text)
   if args.out:
