@@ -93,6 +93,13 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
   with compile_cache.count_compiles() as compiles:
     compiled = lowered.compile()
   t1 = run_start[0] = time.perf_counter()
+  steps = p.schedule[0]
+  print(
+    f"compiled in {t1 - t0:.1f} s{' (from cache)' if compiles.from_cache else ''}; training "
+    f"{n_tasks} tasks x {steps} steps"
+    + ("" if live else " (the per-task lines follow the run: --no_compile_cache prints them live)"),
+    flush=True,
+  )
   result = jax.device_get(jax.block_until_ready(compiled(key, p.stream, hp)))
   seconds = time.perf_counter() - t1
   if not live:

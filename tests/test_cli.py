@@ -329,14 +329,15 @@ def test_single_run_prints_progress_the_seed_line_and_wall_time(single_run):
   lines = out.splitlines()
   assert lines[0].startswith("single on fashion_mnist permutations (idx: ")
   assert f"{N_TASKS} tasks x 30 samples, 50 test; seed 3; device cpu" in lines[0]
+  assert lines[1].startswith("compiled in ") and f"training {N_TASKS} tasks x 30 steps" in lines[1]
   progress = [x for x in lines if x.startswith("task ")]
   assert [x.split(":")[0] for x in progress] == [
     f"task {t} done ({t + 1}/{N_TASKS})" for t in range(N_TASKS)
   ]
-  seed_line = lines[1 + N_TASKS]
+  seed_line = lines[2 + N_TASKS]
   assert " Final Accuracy: " in seed_line and " Backward: " in seed_line
-  assert lines[2 + N_TASKS].startswith("wall time: ") and "compile" in lines[2 + N_TASKS]
-  assert lines[3 + N_TASKS] == f"results: {folder}"
+  assert lines[3 + N_TASKS].startswith("wall time: ") and "compile" in lines[3 + N_TASKS]
+  assert lines[4 + N_TASKS] == f"results: {folder}"
   assert err.count("\n") == 2, err
   assert "cljax: note: flags not used by single: --n_memories, --beta\n" in err
   assert "cljax: note: --cuda no: JAX picks the device itself; running on cpu" in err
