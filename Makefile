@@ -67,7 +67,7 @@ bench-qp: setup
 	$(PY) experiments/bench_qp.py $(ARGS)
 
 bench-run: setup data
-	$(PY) experiments/bench_run.py $(ARGS)
+	$(PY) experiments/bench_run.py --e2e agem_new gem --out experiments/results/bench_run.md $(ARGS)
 
 bench-sweep: setup data
 	$(PY) experiments/bench_sweep.py $(ARGS)
