@@ -2,7 +2,8 @@
 
 The flags come from the `Config` and `GroupedConfig` fields (each default and help text stated
 once, on its field), GEM's own flags keep their names, and the variant-dependent parts (the
-unused-flag report, run names) ask the rule registry. `parse_args` checks a command line,
+unused-flag report, run names) ask the rule registry. `--preset NAME` (`cljax.presets`) supplies
+named defaults that flags given explicitly override. `parse_args` checks a command line,
 `train_config` turns it into the engine's `Config`, `load_streams` loads the data; bad input is
 a `CljaxError` with one line to show.
 """
@@ -14,10 +15,10 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cljax import compile_cache, data, tasks, train
+from cljax import compile_cache, data, presets, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
 from cljax.rules import registry
@@ -119,6 +120,14 @@ def _variant(value: str) -> str:
       f"unknown variant {value!r}: choose one of {', '.join(registry.VARIANTS)}"
     )
   return name
+
+
+def _preset(value: str) -> str:
+  if value not in presets.PRESETS:
+    raise argparse.ArgumentTypeError(
+      f"unknown preset {value!r}: choose one of {', '.join(presets.PRESETS)}"
+    )
+  return value
 
 
 def _boolean(value: str) -> bool:
@@ -241,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
   own = p.add_argument_group("cljax's flags")
   _add(
     own,
+    "preset",
+    type=_preset,
+    default=None,
+    metavar="{" + ",".join(presets.PRESETS) + "}",
+    help="named defaults; a flag given explicitly wins (a note says so). "
+    + "; ".join(
+      f"{name}: {preset.about} ({presets.describe(name)})"
+      for name, preset in presets.PRESETS.items()
+    ),
+  )
+  _add(
+    own,
     "dataset",
     default=d["dataset"],
     choices=data.DATASETS,
@@ -328,14 +349,19 @@ def unused_flags(args: argparse.Namespace) -> list[str]:
 
 
 def parse_args(
-  argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None
+  argv: Sequence[str] | None = None,
+  parser: argparse.ArgumentParser | None = None,
+  *,
+  grid: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[argparse.Namespace, list[str]]:
   """Parses and checks a command line; returns the settings and the notes to show.
 
   The returned namespace has every flag's value and `given`, the flags given explicitly (a dict
-  dest -> option string, in command-line order).
-  Notes (one line each): the given flags the variant does not use, and the dataset and protocol
-  taken from --data_file.
+  dest -> option string, in command-line order); a --preset's settings fill the flags not given
+  (they are not in `given`).
+  Notes (one line each): the given flags the variant does not use, the given flags that override
+  the preset's values, and the dataset and protocol taken from --data_file.
+  grid: the sweep's lists of swept flags (argv holds their first values), shown in the preset note.
 
   Raises:
     CljaxError: an unknown flag, a bad value, or an unreadable --data_file name.
@@ -350,6 +376,16 @@ def parse_args(
       raise CljaxError(f"unknown flag{s}: {', '.join(flags)} ({HELP_HINT})")
     raise CljaxError(f"unexpected argument {extra[0]!r} (flags take the form --name value)")
   notes = []
+  if args.preset is not None:
+    shown = {
+      **vars(args),
+      **{k: ",".join(map(str, v)) for k, v in (grid or {}).items() if len(v) > 1},
+    }
+    use, override = presets.apply(args.preset, shown, args.given)
+    for name, value in use.items():
+      setattr(args, name, value)
+    if override:
+      notes.append(override)
   if args.data_file is not None:
     derived = {}
     if not {"dataset", "protocol"} <= args.given.keys():

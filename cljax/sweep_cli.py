@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     parser_argv, grid = split_grid(argv)
-    args, notes = setup.parse_args(parser_argv, build_parser())
+    args, notes = setup.parse_args(parser_argv, build_parser(), grid=grid)
     if args.seeds is not None and "seed" in args.given:
       raise CljaxError("give --seeds (a count or a list) or --seed, not both.")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
