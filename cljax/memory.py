@@ -1,5 +1,8 @@
 """GEM's episodic memory: a fixed-shape ring buffer of n_memories examples per task.
 
+`write_memory` is GEM's ring buffer per task; `write_reservoir` fills the same slots as one pool
+by reservoir sampling over the whole stream (experience replay's other buffer).
+
 Every shape is fixed from the start, (T, M, D), so a run compiles once whatever T is; the tasks
 k < t already seen are a mask.
 """
@@ -17,7 +20,7 @@ class Memory(NamedTuple):
 
   x: (T, M, D) float32 examples (already transformed); y: (T, M) int32 labels;
   filled: (T, M) bool, slots written so far; cursor: () int32, the next slot (shared across
-  tasks, as GEM's `mem_cnt`).
+  tasks, as GEM's `mem_cnt`), or with `write_reservoir` the count of examples seen.
   """
 
   x: jax.Array
@@ -51,6 +54,27 @@ def write_memory(memory: Memory, t: jax.Array, x: jax.Array, y: jax.Array) -> Me
   mf = memory.filled.at[t, slots].set(True, mode="drop")
   cursor = memory.cursor + jnp.sum(fits)
   return Memory(mx, my, mf, jnp.where(cursor >= M, 0, cursor).astype(jnp.int32))
+
+
+def write_reservoir(memory: Memory, x: jax.Array, y: jax.Array, key: jax.Array) -> Memory:
+  """Write a batch by reservoir sampling (Vitter's algorithm R) into all T x M slots as one pool.
+
+  The cursor counts the examples seen so far, n. The example seen n-th (from 0) takes slot n while
+  n < N = T M, then a uniform j in [0, n]: slot j if j < N, else it is dropped. Every example seen
+  is then in the pool with the same probability N / (n + 1), whatever its task. Within a batch a
+  later example wins a slot two of them drew, as if written one by one. x: (B, D), y: (B,).
+  """
+  T, M, D = memory.x.shape
+  N, B = T * M, x.shape[0]
+  n = memory.cursor + jnp.arange(B)
+  drawn = jax.random.randint(key, (B,), 0, n + 1)  # uniform in [0, n]
+  slots = jnp.where(n < N, n, drawn)
+  later_same = jnp.triu(slots[:, None] == slots[None, :], k=1).any(axis=1)
+  slots = jnp.where((slots < N) & ~later_same, slots, N)  # N: dropped
+  mx = memory.x.reshape(N, D).at[slots].set(x, mode="drop").reshape(T, M, D)
+  my = memory.y.reshape(N).at[slots].set(y, mode="drop").reshape(T, M)
+  mf = memory.filled.reshape(N).at[slots].set(True, mode="drop").reshape(T, M)
+  return Memory(mx, my, mf, (memory.cursor + B).astype(jnp.int32))
 
 
 def past_mask(memory: Memory, t: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from cljax.example_grads import ExampleGrads, example_grads, gram, weighted_grad
-from cljax.memory import first_tasks, past_weights
+from cljax.memory import Memory, first_tasks, past_weights
 
 if TYPE_CHECKING:
   from cljax.rules.base import StepContext
@@ -193,19 +193,30 @@ def past_rows(ctx: StepContext) -> PyTree:
   return jax.lax.fori_loop(0, ctx.t, body, rows)
 
 
+def pooled_sample(
+  memory: Memory, avail: jax.Array, key: jax.Array, sample_size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A uniform sample without replacement (Gumbel top-k) of the memory's slots where avail.
+
+  avail: (T, M) bool. Returns x (k, D), y (k,), valid (k,) bool with k = min(sample_size, T M);
+  when fewer than k slots are available, the rest of the sample is invalid (valid False).
+  """
+  flat = avail.reshape(-1)
+  k = min(sample_size, flat.shape[0])
+  scores = jnp.where(flat, jax.random.gumbel(key, flat.shape), -jnp.inf)
+  _, idx = jax.lax.top_k(scores, k)
+  x = memory.x.reshape(-1, memory.x.shape[-1])[idx]
+  return x, memory.y.reshape(-1)[idx], flat[idx]
+
+
 def pooled_sample_grad(ctx: StepContext, sample_size: int) -> PyTree:
   """The mean-loss gradient of a sample of the pooled memory of the past tasks.
 
-  sample_size examples are drawn uniformly without replacement (Gumbel top-k, ctx.key) from the
-  filled slots of tasks k < t, as the A-GEM paper samples its episodic memory.
+  sample_size examples are drawn uniformly without replacement (`pooled_sample`, ctx.key) from
+  the filled slots of tasks k < t, as the A-GEM paper samples its episodic memory.
   """
   m = ctx.memory
-  avail = (m.filled & ctx.past[:, None]).reshape(-1)
-  k = min(sample_size, avail.shape[0])
-  scores = jnp.where(avail, jax.random.gumbel(ctx.key, avail.shape), -jnp.inf)
-  _, idx = jax.lax.top_k(scores, k)
-  w = avail[idx].astype(jnp.float32)
+  x, y, valid = pooled_sample(m, m.filled & ctx.past[:, None], ctx.key, sample_size)
+  w = valid.astype(jnp.float32)
   w = w / jnp.maximum(jnp.sum(w), 1.0)
-  x = m.x.reshape(-1, m.x.shape[-1])[idx]
-  y = m.y.reshape(-1)[idx]
   return jax.grad(lambda p: weighted_loss(ctx, p, x, y, w))(ctx.params)

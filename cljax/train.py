@@ -30,12 +30,14 @@ import optax
 from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig, check_sizes
-from cljax.memory import Memory, empty_memory, write_memory
+from cljax.memory import Memory, empty_memory, write_memory, write_reservoir
 from cljax.memory_grads import MODES as MEMORY_GRADS
 from cljax.memory_grads import mean_loss
 from cljax.models import INIT_SCHEMES, make_mlp
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
+from cljax.rules.er import BUFFERS as ER_BUFFERS
+from cljax.rules.ewc import FISHERS
 
 VARIANTS = tuple(registry.VARIANTS)
 GROUPED_VARIANTS = registry.GROUPED_VARIANTS
@@ -63,14 +65,17 @@ class Config:
     batch_size: examples per step (GEM: 1).
     lr: SGD learning rate (default for `HParams.lr`).
     n_memories: episodic-memory slots per task.
-    memory_strength: GEM's margin, v >= memory_strength in the dual QP (default for HParams).
+    memory_strength: GEM's margin, v >= memory_strength in the dual QP; EWC's penalty strength
+      (default for HParams).
     n_layers, n_hiddens: the MLP's hidden layers and width.
     init: "gem" (the GEM code's Xavier uniform, zero biases), "torch" (nn.Linear's default) or
       "flax" (see `cljax.models.MLP`).
     agem_ref: A-GEM's reference gradient: "pooled" (a sample of replay_batch_size examples of the
       pooled memory of past tasks, as the A-GEM paper) or "task_mean" (mean of per-task memory
       gradients).
-    replay_batch_size: the pooled sample's size.
+    replay_batch_size: the pooled sample's size (agem pooled; er's replayed examples).
+    replay_buffer: er's memory, "ring" (GEM's per task, past tasks sampled) or "reservoir".
+    fisher: ewc's diagonal Fisher, "empirical" or "batch_squared" (`cljax.rules.ewc`).
     log_every: evaluate all tasks every log_every steps of a task (0: only at task ends).
     eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
     eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
@@ -102,7 +107,9 @@ class Config:
   lr: float = _flag(0.01, "SGD learning rate", gem=True)
   n_memories: int = _flag(10, "memory slots per task", gem=True)
   memory_strength: float = _flag(
-    10.0, "GEM's QP margin (gem, agem_old, agem_qp_mean, --projection qp)", gem=True
+    10.0,
+    "GEM's QP margin (gem, agem_old, agem_qp_mean, --projection qp); EWC's penalty strength",
+    gem=True,
   )
   n_layers: int = _flag(2, "hidden layers of the MLP", gem=True)
   n_hiddens: int = _flag(100, "units per hidden layer", gem=True)
@@ -118,7 +125,18 @@ class Config:
     choices=AGEM_REFS,
   )
   replay_batch_size: int = _flag(
-    10, "agem with --agem_ref pooled: examples sampled from the pooled memory", gem=True
+    10, "agem with --agem_ref pooled and er: examples sampled from the memory", gem=True
+  )
+  replay_buffer: str = _flag(
+    "ring",
+    "er: GEM's ring buffer per task, sampled from the past tasks, or one reservoir over the stream",
+    choices=ER_BUFFERS,
+  )
+  fisher: str = _flag(
+    "empirical",
+    "ewc: the diagonal Fisher as the mean of squared per-example gradients (the EWC paper's) or "
+    "the square of the mean memory gradient (the GEM code's)",
+    choices=FISHERS,
   )
   log_every: int = _flag(
     100, "evaluate all tasks every this many steps (0: at task ends only)", gem=True
@@ -163,6 +181,11 @@ class Config:
       raise CljaxError(
         f"unknown memory_grads {self.memory_grads!r}: choose one of {', '.join(MEMORY_GRADS)}."
       )
+    for name, choices in (("replay_buffer", ER_BUFFERS), ("fisher", FISHERS)):
+      if getattr(self, name) not in choices:
+        raise CljaxError(
+          f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(choices)}."
+        )
     for name, choices in (
       ("reference_row", REFERENCE_ROWS),
       ("trigger", TRIGGERS),
@@ -179,12 +202,17 @@ class Config:
           f"agem_ref task_mean), not to {self.variant}"
           + (f" with agem_ref {self.agem_ref}." if self.variant == "agem" else ".")
         )
-    if not self.lr > 0:
-      raise CljaxError(f"lr must be > 0, got {self.lr}.")
-    if self.memory_strength < 0:
-      raise CljaxError(f"memory_strength must be >= 0, got {self.memory_strength}.")
-    if self.eps < 0:
-      raise CljaxError(f"eps must be >= 0, got {self.eps}.")
+    # Non-finite settings are refused here: nan passes every comparison and the run would diverge.
+    for name, low, strict in (
+      ("lr", 0.0, True),
+      ("memory_strength", 0.0, False),
+      ("eps", 0.0, False),
+    ):
+      value = getattr(self, name)
+      if not math.isfinite(value) or value < low or (strict and value == low):
+        raise CljaxError(
+          f"{name} must be a finite number {'>' if strict else '>='} 0, got {value}."
+        )
     for name in ("batch_size", "eval_batch_size", "qp_max_iter"):
       if getattr(self, name) < 1:
         raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -355,6 +383,10 @@ def make_train(
   """
   model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
   rule = registry.rule_for(config) if rule is None else rule
+  if rule.memory_writes not in ("ring", "reservoir"):
+    raise CljaxError(
+      f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
+    )
   evaluate = make_evaluate(config)
 
   def apply(params, x):
@@ -378,11 +410,15 @@ def make_train(
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       x, y = tasks.train_batch(stream, t, j, config.batch_size)
-      memory = write_memory(state.memory, t, x, y) if rule.uses_memory else state.memory
-      loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
+      memory = state.memory
+      if rule.uses_memory and rule.memory_writes == "ring":  # before the step, as GEM's observe
+        memory = write_memory(memory, t, x, y)
+      loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
       g, stats, rule_state = rule.update(g, ctx, state.rule_state)
+      if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself
+        memory = write_reservoir(memory, x, y, jax.random.fold_in(key, _RESERVOIR_KEY))
       updates, opt_state = opt.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new = TrainState(
@@ -413,7 +449,7 @@ def make_train(
       summary = None if rule.summary is None else rule.summary(state.rule_state)
       if rule.end_task is not None:
         key = jax.random.fold_in(jax.random.fold_in(step_key, _TASK_END_KEY), t)
-        end = TaskEndContext(t, state.params, key)
+        end = TaskEndContext(t, state.params, key, state.memory, apply)
         state = state._replace(rule_state=rule.end_task(state.rule_state, end))
       if progress is not None:
         jax.debug.callback(progress, t, curve[-1])
@@ -427,6 +463,7 @@ def make_train(
 
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
+_RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot draws
 
 
 _STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)

@@ -231,11 +231,16 @@ def test_help(capsys):
 @pytest.mark.parametrize(
   "argv,match",
   [
-    (["--model", "ewc"], "unknown variant 'ewc': choose one of " + ", ".join(train.VARIANTS)),
+    (["--model", "icarl"], "unknown variant 'icarl': choose one of " + ", ".join(train.VARIANTS)),
     (["--bogus", "3"], "unknown flag: --bogus"),
     (["--lr", "0.1", "--bogus=1", "--also"], "unknown flags: --bogus, --also"),
-    (["--lr", "0"], "lr must be > 0, got 0.0"),
-    (["--lr", "-0.5"], "lr must be > 0, got -0.5"),
+    (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
+    (["--lr", "-0.5"], "lr must be a finite number > 0, got -0.5"),
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (
+      ["--model", "gem", "--memory_strength", "inf"],
+      "memory_strength must be a finite number >= 0",
+    ),
     (["--model", "gem", "--n_memories", "0"], "variant 'gem' needs n_memories >= 1, got 0"),
     (["--batch_size", "31"], "batch_size 31 is larger than samples_per_task 30"),
     (["--ewc_reverse", "yes"], "argument --ewc_reverse: expected True or False, got 'yes'"),

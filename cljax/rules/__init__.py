@@ -5,7 +5,8 @@
     train = cljax.make_train(config, rule=rule)
 
 Built in: `single`, `gem`, the A-GEM family from its pieces (`agem_rule` of a reference row, a
-trigger and a projection), the grouped variants (`grouped`); `registry.VARIANTS` names them.
+trigger and a projection), the grouped variants (`grouped`), the baselines `ewc` and `er`;
+`registry.VARIANTS` names them.
 """
 
 from cljax.rules.agem import (
@@ -36,6 +37,8 @@ from cljax.rules.base import (
   stateless,
   when_past,
 )
+from cljax.rules.er import er
+from cljax.rules.ewc import ewc
 from cljax.rules.gem import gem
 from cljax.rules.grouped import grouped
 
@@ -51,6 +54,8 @@ __all__ = [
   "agem_rule",
   "closed_form_stats",
   "conditional",
+  "er",
+  "ewc",
   "gem",
   "grouped",
   "no_projection",

@@ -57,11 +57,17 @@ class StepContext(NamedTuple):
 
 
 class TaskEndContext(NamedTuple):
-  """What a rule's end_task may read: the finished task t, the parameters, a PRNG key."""
+  """What a rule's end_task may read (traced).
+
+  t: () the finished task; params; key: a PRNG key; memory: the episodic memory, task t's slots
+  written; apply: apply(params, x) -> logits, the network.
+  """
 
   t: jax.Array
   params: PyTree
   key: jax.Array
+  memory: Memory | None = None
+  apply: Callable[[PyTree, jax.Array], jax.Array] | None = None
 
 
 class ProjectionStats(NamedTuple):
@@ -80,7 +86,9 @@ class Rule(NamedTuple):
   init(params, n_tasks) -> state; update(g, ctx, state) -> (g_new, ProjectionStats, state);
   end_task(state, TaskEndContext) -> state, or None (nothing to do at task ends);
   summary(state) -> a pytree recorded at each task end before end_task (`RunResult.h`), or None;
-  uses_memory: whether the engine fills the episodic memory (else it keeps one unused slot).
+  uses_memory: whether the engine fills the episodic memory (else it keeps one unused slot);
+  memory_writes: how it fills it, "ring" (GEM's ring buffer per task, `cljax.memory.write_memory`,
+  before the step) or "reservoir" (one pool over all tasks, `write_reservoir`, after the step).
   """
 
   init: Callable[[PyTree, int], Any]
@@ -88,6 +96,7 @@ class Rule(NamedTuple):
   end_task: Callable[[Any, TaskEndContext], Any] | None = None
   summary: Callable[[Any], Any] | None = None
   uses_memory: bool = True
+  memory_writes: str = "ring"
 
 
 def stateless(

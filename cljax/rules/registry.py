@@ -12,6 +12,8 @@ from typing import Any, NamedTuple
 
 from cljax.rules import agem
 from cljax.rules.base import Rule, single
+from cljax.rules.er import er
+from cljax.rules.ewc import ewc
 from cljax.rules.gem import gem
 from cljax.rules.grouped import GROUPED_RULES, grouped
 
@@ -19,7 +21,16 @@ from cljax.rules.grouped import GROUPED_RULES, grouped
 # "grouped" stands for all of `GroupedConfig`'s).
 QP_SETTINGS = frozenset({"memory_strength", "eps", "qp_max_iter"})
 RULE_SETTINGS = frozenset(
-  {"n_memories", "memory_grads", "agem_ref", "replay_batch_size", "grouped", *QP_SETTINGS}
+  {
+    "n_memories",
+    "memory_grads",
+    "agem_ref",
+    "replay_batch_size",
+    "replay_buffer",
+    "fisher",
+    "grouped",
+    *QP_SETTINGS,
+  }
 )
 AGEM_REFS = ("pooled", "task_mean")
 # The task-mean A-GEM family: each variant is a (reference row, trigger, projection) preset.
@@ -115,6 +126,20 @@ VARIANTS: dict[str, Variant] = {
     "GEM: one row per past task, the dual QP (margin --memory_strength)",
     lambda c: gem(c.memory_grads, eps=c.eps, max_iter=c.qp_max_iter),
     _fixed("n_memories", "memory_grads", *QP_SETTINGS),
+  ),
+  "ewc": Variant(
+    "ewc",
+    "EWC: penalty --memory_strength / 2 * sum_k F_k (theta - theta_k)^2, F_k the diagonal Fisher "
+    "on task k's memory (--fisher)",
+    lambda c: ewc(c.fisher),
+    _fixed("n_memories", "memory_strength", "fisher"),
+  ),
+  "er": Variant(
+    "er",
+    "experience replay: the batch joined with --replay_batch_size memory examples "
+    "(--replay_buffer ring: past tasks' ring buffers; reservoir: one pool)",
+    lambda c: er(c.replay_batch_size, c.replay_buffer),
+    _fixed("n_memories", "replay_batch_size", "replay_buffer"),
   ),
   **{v: Variant(v, h, _agem_family, _family_reads(v)) for v, h in _FAMILY_HELP.items()},
   **{
