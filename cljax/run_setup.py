@@ -272,7 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     "protocol",
     default=d["protocol"],
     choices=tasks.PROTOCOLS,
-    help="the tasks (or from --data_file)",
+    help="the tasks: permuted or rotated images (one head), or split, the classes divided into "
+    "tasks (task-incremental, one head per task); or from --data_file",
+  )
+  _add(
+    own,
+    "classes_per_task",
+    type=int,
+    default=2,
+    help="--protocol split: classes per task (consecutive labels); the task count defaults to "
+    "classes / classes_per_task, and a larger --n_tasks is refused",
   )
   _add(
     own,
@@ -496,17 +505,21 @@ def load_streams(args: argparse.Namespace, data_path: str | None, seeds: Sequenc
     dataset = data.load_dataset(
       args.dataset, data_path=data_path, source=source, tfds_data_dir=args.tfds_data_dir
     )
+    # Under split the task count is the dataset's (classes / classes_per_task) unless typed.
+    typed = args.protocol != "split" or "n_tasks" in args.given
     streams = [
       tasks.make_stream(
         dataset,
         protocol=args.protocol,
-        n_tasks=args.n_tasks,
+        n_tasks=args.n_tasks if typed else None,
         samples_per_task=args.samples_per_task,
         test_samples=args.test_samples,
         seed=seed,
+        classes_per_task=args.classes_per_task,
       )
       for seed in seeds
     ]
+  args.n_tasks = int(streams[0].train_idx.shape[0])  # the settings record the tasks run
   messages = []
   for w in caught:
     if issubclass(w.category, UserWarning):

@@ -1,4 +1,8 @@
-"""GEM's task protocols (permuted / rotated images) as per-task pixel maps over shared images."""
+"""GEM's task protocols over shared images: pixel maps and class splits.
+
+Permuted / rotated images are per-task pixel maps; "split" divides the classes into tasks
+(task-incremental, multi-head: each task trains on and is scored on its own classes).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from jax import lax
 from cljax.data import Dataset
 from cljax.errors import CljaxError
 
-PROTOCOLS = ("permutations", "rotations")
+PROTOCOLS = ("permutations", "rotations", "split")
 INTERPOLATIONS = ("bilinear", "nearest")
 
 # Independent RNG streams spawned from the seed, so that e.g. changing samples_per_task does not
@@ -41,6 +45,9 @@ class TaskStream(NamedTuple):
     pix_idx: (T, D, K) int32: output pixel i of task t reads input pixels pix_idx[t, i, :].
     pix_w: (T, D, K) float32: with weights pix_w[t, i, :] (K = 1, w = 1 for permutations;
       K = 4 bilinear or K = 1 nearest for rotations).
+    classes: (T, C) bool, task t's classes, for a task-incremental stream ("split"): task t
+      trains on and is evaluated on its classes' examples only, its logits restricted to them
+      (multi-head). None (every task has every class, one head) for permutations and rotations.
   """
 
   train_x: jax.Array
@@ -50,6 +57,7 @@ class TaskStream(NamedTuple):
   train_idx: jax.Array
   pix_idx: jax.Array
   pix_w: jax.Array
+  classes: jax.Array | None = None
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -216,26 +224,33 @@ def make_stream(
   dataset: Dataset,
   *,
   protocol: str,
-  n_tasks: int,
+  n_tasks: int | None,
   samples_per_task: int,
   test_samples: int | None = None,
   seed: int = 0,
   min_rot: float = 0.0,
   max_rot: float = 180.0,
   interpolation: str = "bilinear",
+  classes_per_task: int = 2,
 ) -> TaskStream:
   """Builds GEM's task stream over a dataset, without copying images per task.
 
   Transforms ("permutations", GEM's mnist_permutations): task t applies `task_permutations`
   row t; ("rotations", GEM's mnist_rotations): task t rotates by `rotation_angles` entry t.
 
+  ("split", task-incremental): task t holds classes [t c, (t + 1) c), c = classes_per_task, in
+  label order (as GEM's split CIFAR-100), seen as they are (identity pixel maps); the stream's
+  `classes` marks them. n_tasks None (or for split at most C / c) takes all C / c tasks.
+
   Training examples (GEM's Continuum): per task, a random subset of `samples_per_task` training
-  indices drawn without replacement, in random order. If samples_per_task exceeds N_train it is
-  clamped to N_train with a warning (as GEM clamps, silently).
+  indices drawn without replacement, in random order (split: among the task's classes' examples).
+  If samples_per_task exceeds what is available (N_train; split: the smallest task's examples) it
+  is clamped to that with a warning (as GEM clamps, silently).
 
   Test examples: with test_samples None, the whole test split for every task (as GEM); else one
   random subset of test_samples test indices (sorted), the same for every task, so that tasks
-  differ only by their transform. test_samples > N_test is clamped with a warning.
+  differ only by their transform (split: each task is scored on the subset's examples of its
+  classes). test_samples > N_test is clamped with a warning.
 
   Randomness: `seed` spawns independent numpy streams for the transforms, the training subsets
   and the test subset. The same arguments give an identical stream.
@@ -243,13 +258,14 @@ def make_stream(
   Args:
     dataset: a `cljax.data.Dataset` (images (N, H, W) uint8).
     protocol: one of `PROTOCOLS`.
-    n_tasks: T >= 1.
+    n_tasks: T >= 1 (None: split only, all of its C / classes_per_task tasks).
     samples_per_task: S >= 1 training examples per task.
     test_samples: test examples per task, or None for all.
     seed: a non-negative integer.
     min_rot: rotations only: the lower end of the angle range, in degrees.
     max_rot: rotations only: the upper end of the angle range, in degrees.
     interpolation: rotations only: "bilinear" (K = 4) or "nearest" (K = 1).
+    classes_per_task: split only: c >= 1 classes per task.
 
   Returns:
     The TaskStream, as jax arrays.
@@ -263,7 +279,10 @@ def make_stream(
     raise CljaxError(
       f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}"
     )
-  n_tasks = _check_int(n_tasks, "n_tasks", minimum=1)
+  if n_tasks is None and protocol != "split":
+    raise CljaxError(f"n_tasks is needed for protocol {protocol}.")
+  if n_tasks is not None:
+    n_tasks = _check_int(n_tasks, "n_tasks", minimum=1)
   samples_per_task = _check_int(samples_per_task, "samples_per_task", minimum=1)
   if test_samples is not None:
     test_samples = _check_int(test_samples, "test_samples", minimum=1)
@@ -277,7 +296,22 @@ def make_stream(
     )
   n_pixels = train_x.shape[1]
 
-  if protocol == "permutations":
+  classes = None
+  if protocol == "split":
+    c = _check_int(classes_per_task, "classes_per_task", minimum=1)
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    most = n_classes // c
+    if most < 1:
+      raise CljaxError(f"classes_per_task {c} exceeds the dataset's {n_classes} classes.")
+    if n_tasks is not None and n_tasks > most:
+      raise CljaxError(
+        f"split with {c} classes per task has at most {most} tasks ({n_classes} classes), got "
+        f"n_tasks {n_tasks}: lower n_tasks or classes_per_task."
+      )
+    n_tasks = most if n_tasks is None else n_tasks
+    classes = np.arange(n_classes)[None, :] // c == np.arange(n_tasks)[:, None]  # (T, C)
+    maps = [permutation_transform(np.arange(n_pixels))] * n_tasks
+  elif protocol == "permutations":
     maps = [permutation_transform(p) for p in task_permutations(n_tasks, n_pixels, seed=seed)]
   else:
     angles = rotation_angles(n_tasks, seed=seed, min_rot=min_rot, max_rot=max_rot)
@@ -286,9 +320,14 @@ def make_stream(
   pix_w = np.stack([m[1] for m in maps])
 
   n_train, n_test = train_x.shape[0], test_x.shape[0]
-  s = _clamp(samples_per_task, n_train, "samples_per_task")
   rng = _rng(seed, _RNG_TRAIN)
-  train_idx = np.stack([rng.choice(n_train, size=s, replace=False) for _ in range(n_tasks)])
+  if classes is None:
+    s = _clamp(samples_per_task, n_train, "samples_per_task")
+    train_idx = np.stack([rng.choice(n_train, size=s, replace=False) for _ in range(n_tasks)])
+  else:
+    pools = [np.flatnonzero(classes[t][train_y]) for t in range(n_tasks)]
+    s = _clamp(samples_per_task, min(len(p) for p in pools), "samples_per_task")
+    train_idx = np.stack([rng.choice(p, size=s, replace=False) for p in pools])
   if test_samples is None:
     test_rows = np.arange(n_test)
   else:
@@ -304,6 +343,7 @@ def make_stream(
     train_idx=jnp.asarray(train_idx, dtype=jnp.int32),
     pix_idx=jnp.asarray(pix_idx, dtype=jnp.int32),
     pix_w=jnp.asarray(pix_w, dtype=jnp.float32),
+    classes=None if classes is None else jnp.asarray(classes),
   )
 
 
@@ -393,6 +433,9 @@ def train_batch(
 
 def eval_set(stream: TaskStream, t: int | jax.Array) -> tuple[jax.Array, jax.Array]:
   """Task t's test examples, transformed; t may be traced.
+
+  Split: all of the test set's examples, of which task t is scored on those of its classes
+  (`stream.classes[t][y]`).
 
   Returns:
     x (S_test, D) float32 in [0, 1] and y (S_test,) int32.

@@ -359,10 +359,18 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
         return model.apply({"params": {**params, "hidden_0": {**first, "kernel": kernel}}}, x)
 
       logits = jax.vmap(task_logits)(kernels)  # (T, bs, classes)
-      return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
+      if stream.classes is None:
+        return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
+      # Multi-head: task t's head is its classes' logits, scored on its classes' examples.
+      logits = jnp.where(stream.classes[:, None, :], logits, -jnp.inf)
+      scored = _task_has_label(stream.classes, y)  # (T, bs); padding: no task's
+      return jnp.sum(scored & (jnp.argmax(logits, axis=-1) == y[None]), axis=1)
 
     correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
-    return correct.astype(jnp.float32) / n_test
+    if stream.classes is None:
+      return correct.astype(jnp.float32) / n_test
+    counts = jnp.sum(_task_has_label(stream.classes, stream.test_y), axis=1)
+    return correct.astype(jnp.float32) / jnp.maximum(counts, 1).astype(jnp.float32)
 
   return evaluate
 
@@ -389,11 +397,8 @@ def make_train(
     )
   evaluate = make_evaluate(config)
 
-  def apply(params, x):
+  def single_head(params, x):
     return model.apply({"params": params}, x)
-
-  def batch_loss(params, x, y):
-    return mean_loss(apply, params, x, y)
 
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     hp = default_hparams(config) if hparams is None else hparams
@@ -401,8 +406,16 @@ def make_train(
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
     params = model.init(init_key, jnp.zeros((1, D), jnp.float32))["params"]
+    heads = stream.classes is not None  # task-incremental: each example carries its task
+    apply, with_task = single_head, lambda x, t: x
+    if heads:
+      apply, with_task = multi_head(single_head, stream.classes, config.variant)
+
+    def batch_loss(params, x, y):
+      return mean_loss(apply, params, x, y)
+
     opt = optax.sgd(hp.lr)
-    memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D)
+    memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(heads))
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(
       params, opt.init(params), memory, zero, jnp.zeros((), bool), rule.init(params, T)
@@ -410,6 +423,7 @@ def make_train(
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       x, y = tasks.train_batch(stream, t, j, config.batch_size)
+      x = with_task(x, t)
       key = jax.random.fold_in(step_key, state.step)
       memory = state.memory
       if rule.uses_memory and rule.memory_writes == "ring":  # before the step, as GEM's observe
@@ -460,6 +474,42 @@ def make_train(
     return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params, h)
 
   return train
+
+
+def multi_head(
+  apply: Callable[[Any, jax.Array], jax.Array], classes: jax.Array, variant: str
+) -> tuple[Callable[[Any, jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]]:
+  """(apply, with_task) for a task-incremental stream: each example carries its task.
+
+  with_task(x (B, D), t) appends t as a last column, so the memory keeps each example's task with
+  it; apply(params, x (N, D + 1)) is the network on x[:, :D] with the logits of classes outside
+  the example's task at -inf (its head), which every loss built on apply (the batch's, the memory
+  gradients', a Fisher) then respects. classes: (T, C) bool (`tasks.TaskStream.classes`).
+  """
+  if variant in GROUPED_VARIANTS:
+    raise CljaxError(
+      f"{variant} reads the network's hidden units itself and has no multi-head form: use "
+      "protocol permutations or rotations, or another variant."
+    )
+
+  def masked_apply(params, x):
+    logits = apply(params, x[:, :-1])
+    if logits.shape[-1] != classes.shape[1]:
+      raise CljaxError(
+        f"the network has {logits.shape[-1]} outputs but the split has {classes.shape[1]} classes."
+      )
+    head = classes[x[:, -1].astype(jnp.int32)]  # (N, C)
+    return jnp.where(head, logits, -jnp.inf)
+
+  def with_task(x, t):
+    return jnp.concatenate([x, jnp.full((x.shape[0], 1), t, x.dtype)], axis=1)
+
+  return masked_apply, with_task
+
+
+def _task_has_label(classes: jax.Array, y: jax.Array) -> jax.Array:
+  """(T, N) whether label y[n] is one of task t's classes (False for the padding label -1)."""
+  return (y[None, :] >= 0) & jnp.take(classes, jnp.maximum(y, 0), axis=1)
 
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices

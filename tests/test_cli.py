@@ -248,7 +248,7 @@ def test_help(capsys):
     (["--cuda", "maybe"], "expected yes or no, got 'maybe'"),
     (["--n_tasks", "0"], "n_tasks must be >= 1"),
     (["--n_tasks", "x"], "invalid int value: 'x'"),
-    (["--protocol", "split"], "invalid choice: 'split'"),
+    (["--protocol", "blur"], "invalid choice: 'blur'"),
     (["--samples_per_task", "-1"], "samples_per_task must be >= 1"),
     (["--seed", "-1"], "seed must be >= 0"),
     (["--dataset", "mnist", "--data_path", "/nonexistent/dir"], "does not exist"),
