@@ -182,7 +182,8 @@ def projected_fraction(record: Mapping[str, Any]) -> float:
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """One row per setting: n, seeds, mean and sample std (ddof 1) of each metric, diverged runs.
 
-  Metrics: GEM's Final / Backward / Forward and the fraction of steps projected. Diverged runs
+  Metrics: GEM's Final / Backward / Forward, the average forgetting (Chaudhry et al. 2018,
+  `metrics.paper_stats`) and the fraction of steps projected. Diverged runs
   (non-finite parameters) are counted and left out of the means.
   """
   groups: dict[tuple[float, float], list[Mapping[str, Any]]] = {}
@@ -199,6 +200,7 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
       "diverged": len(rs) - len(ok),
     }
     values = {m: [r["gem_stats"][m] for r in ok] for m in METRICS}
+    values["forgetting"] = [r["paper_stats"]["forgetting"] for r in ok]
     values["projected"] = [projected_fraction(r) for r in ok]
     for name, v in values.items():
       a = np.asarray([x for x in v if x is not None], dtype=np.float64)
@@ -224,14 +226,16 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     f"# {title}",
     "",
     "Mean +- sample std (ddof 1) over seeds; GEM's Final / Backward / Forward (cljax.metrics); "
-    "projected: fraction of the steps of tasks 1.. that changed the gradient.",
+    "forgetting: mean over past tasks of the best earlier accuracy minus the final one "
+    "(Chaudhry et al. 2018); projected: fraction of the steps of tasks 1.. that changed the "
+    "gradient.",
     "",
-    "| lr | memory_strength | n | Final | Backward | Forward | projected | diverged |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| lr | memory_strength | n | Final | Backward | Forward | forgetting | projected | diverged |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for row in rows:
     s = row["setting"]
-    cells = [format_mean_std(row[m]) for m in (*METRICS, "projected")]
+    cells = [format_mean_std(row[m]) for m in (*METRICS, "forgetting", "projected")]
     lines.append(
       f"| {s['lr']:g} | {s['memory_strength']:g} | {row['n']} | " + " | ".join(cells) + f" | "
       f"{row['diverged']} |"

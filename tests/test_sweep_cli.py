@@ -119,6 +119,8 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   finals = [first[n]["gem_stats"]["final"] for n in names[:2]]
   assert summary["rows"][0]["final"]["mean"] == pytest.approx(np.mean(finals))
   assert summary["rows"][0]["final"]["std"] == pytest.approx(np.std(finals, ddof=1))
+  forgetting = [first[n]["paper_stats"]["forgetting"] for n in names[:2]]
+  assert summary["rows"][0]["forgetting"]["mean"] == pytest.approx(np.mean(forgetting))
   with open(os.path.join(folder, sweep_folder.SUMMARY_MD)) as f:
     assert "| 0.01 | 0.5 | 2 |" in f.read()
 
