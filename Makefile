@@ -10,7 +10,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run sweep which-agem grouped test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
+.PHONY: setup data run sweep which-agem grouped paper test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ which-agem: setup data
 # gem vs the grouped variants, 5 seeds: experiments/results/grouped.md.
 grouped: setup data
 	$(PY) experiments/grouped.py $(ARGS)
+
+# single, independent, ewc, er, gem, agem under gem_paper_mnist, 3 seeds, three protocols:
+# experiments/results/paper_protocols.md (resumable: records in results/paper_protocols).
+paper: setup data
+	$(PY) experiments/paper_protocols.py $(ARGS)
 
 # Two worker processes (one per core here), a test file per worker; the 25 slowest tests printed.
 PYTEST_WORKERS ?= 2

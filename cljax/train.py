@@ -34,6 +34,7 @@ from cljax.memory import Memory, empty_memory, write_memory, write_reservoir
 from cljax.memory_grads import MODES as MEMORY_GRADS
 from cljax.memory_grads import mean_loss
 from cljax.models import INIT_SCHEMES, make_mlp
+from cljax.networks import Network, finetune_start, make_network, task_has_label
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
 from cljax.rules.er import BUFFERS as ER_BUFFERS
@@ -76,6 +77,7 @@ class Config:
     replay_batch_size: the pooled sample's size (agem pooled; er's replayed examples).
     replay_buffer: er's memory, "ring" (GEM's per task, past tasks sampled) or "reservoir".
     fisher: ewc's diagonal Fisher, "empirical" or "batch_squared" (`cljax.rules.ewc`).
+    finetune: independent's "yes": network t starts as network t - 1 (GEM's --finetune).
     log_every: evaluate all tasks every log_every steps of a task (0: only at task ends).
     eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
     eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
@@ -126,6 +128,12 @@ class Config:
   )
   replay_batch_size: int = _flag(
     10, "agem with --agem_ref pooled and er: examples sampled from the memory", gem=True
+  )
+  finetune: str = _flag(
+    "no",
+    "independent: network t starts as network t - 1 (yes) or from its own init",
+    gem=True,
+    choices=("yes", "no"),
   )
   replay_buffer: str = _flag(
     "ring",
@@ -331,7 +339,7 @@ def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
 
 def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array]:
   """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits)."""
-  model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
+  per_task = registry.per_task_networks(config.variant)
 
   def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
     """(T,) test accuracy on every task.
@@ -339,13 +347,18 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
     Each task's pixel map A_t is linear, so it is folded into the first layer instead of applied
     to the images: (A_t x) W = x (A_t' W). All T tasks then share one matrix product with the base
     test images, in batches of eval_batch_size examples (memory: batch x T x n_hiddens floats).
+    Per-task networks (independent): task t is scored on network t. A split stream: task t on
+    its classes' test examples, with its head (`networks`).
     """
-    n_test = stream.test_x.shape[0]
+    T, n_test = stream.pix_idx.shape[0], stream.test_x.shape[0]
+    model = make_network(
+      config.n_hiddens, config.n_layers, config.init, n_tasks=T, dim=1, per_task=per_task
+    ).model
     bs = min(config.eval_batch_size, n_test)
     n_batches = math.ceil(n_test / bs)
     pad = n_batches * bs - n_test
     first = params["hidden_0"]
-    kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(None, 0, 0))(
+    kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(0 if per_task else None, 0, 0))(
       first["kernel"], stream.pix_idx, stream.pix_w
     )  # (T, D, H)
     x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
@@ -355,21 +368,21 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
       x, y = args
       x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
 
-      def task_logits(kernel):  # (bs, classes) with task t's folded first layer
-        return model.apply({"params": {**params, "hidden_0": {**first, "kernel": kernel}}}, x)
+      def task_logits(kernel, p):  # (bs, classes) with task t's folded first layer
+        return model.apply({"params": {**p, "hidden_0": {**p["hidden_0"], "kernel": kernel}}}, x)
 
-      logits = jax.vmap(task_logits)(kernels)  # (T, bs, classes)
+      logits = jax.vmap(task_logits, in_axes=(0, 0 if per_task else None))(kernels, params)
       if stream.classes is None:
         return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
       # Multi-head: task t's head is its classes' logits, scored on its classes' examples.
       logits = jnp.where(stream.classes[:, None, :], logits, -jnp.inf)
-      scored = _task_has_label(stream.classes, y)  # (T, bs); padding: no task's
+      scored = task_has_label(stream.classes, y)  # (T, bs); padding: no task's
       return jnp.sum(scored & (jnp.argmax(logits, axis=-1) == y[None]), axis=1)
 
     correct = jnp.sum(jax.lax.map(one_batch, (x_all, y_all)), axis=0)
     if stream.classes is None:
       return correct.astype(jnp.float32) / n_test
-    counts = jnp.sum(_task_has_label(stream.classes, stream.test_y), axis=1)
+    counts = jnp.sum(task_has_label(stream.classes, stream.test_y), axis=1)
     return correct.astype(jnp.float32) / jnp.maximum(counts, 1).astype(jnp.float32)
 
   return evaluate
@@ -389,7 +402,6 @@ def make_train(
     progress: optional host function progress(t, acc_row) called once at the end of each task
       (through `jax.debug.callback`, outside the steps), e.g. to print a progress line.
   """
-  model = make_mlp(config.n_hiddens, config.n_layers, init=config.init)
   rule = registry.rule_for(config) if rule is None else rule
   if rule.memory_writes not in ("ring", "reservoir"):
     raise CljaxError(
@@ -397,25 +409,19 @@ def make_train(
     )
   evaluate = make_evaluate(config)
 
-  def single_head(params, x):
-    return model.apply({"params": params}, x)
-
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     hp = default_hparams(config) if hparams is None else hparams
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
-    params = model.init(init_key, jnp.zeros((1, D), jnp.float32))["params"]
-    heads = stream.classes is not None  # task-incremental: each example carries its task
-    apply, with_task = single_head, lambda x, t: x
-    if heads:
-      apply, with_task = multi_head(single_head, stream.classes, config.variant)
+    net = network_of(config, T, D, stream.classes)
+    params, apply = net.init(init_key), net.apply
 
     def batch_loss(params, x, y):
       return mean_loss(apply, params, x, y)
 
     opt = optax.sgd(hp.lr)
-    memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(heads))
+    memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(net.tagged))
     zero = jnp.zeros((), jnp.int32)
     state = TrainState(
       params, opt.init(params), memory, zero, jnp.zeros((), bool), rule.init(params, T)
@@ -423,7 +429,7 @@ def make_train(
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       x, y = tasks.train_batch(stream, t, j, config.batch_size)
-      x = with_task(x, t)
+      x = net.tag(x, t)  # with its task as a last column when the network needs it
       key = jax.random.fold_in(step_key, state.step)
       memory = state.memory
       if rule.uses_memory and rule.memory_writes == "ring":  # before the step, as GEM's observe
@@ -456,6 +462,8 @@ def make_train(
       return state, (evaluate(state.params, stream), state.step, stats)
 
     def task(state: TrainState, t):
+      if net.per_task and config.finetune == "yes":
+        state = state._replace(params=finetune_start(state.params, t))
       state, (curve, curve_step, stats) = jax.lax.scan(
         chunk_then_eval, state, (jnp.full((n_chunks,), t), jnp.arange(n_chunks))
       )
@@ -476,40 +484,26 @@ def make_train(
   return train
 
 
-def multi_head(
-  apply: Callable[[Any, jax.Array], jax.Array], classes: jax.Array, variant: str
-) -> tuple[Callable[[Any, jax.Array], jax.Array], Callable[[jax.Array, jax.Array], jax.Array]]:
-  """(apply, with_task) for a task-incremental stream: each example carries its task.
+def network_of(config: Config, n_tasks: int, dim: int, classes: jax.Array | None = None) -> Network:
+  """The run's `cljax.networks.Network`.
 
-  with_task(x (B, D), t) appends t as a last column, so the memory keeps each example's task with
-  it; apply(params, x (N, D + 1)) is the network on x[:, :D] with the logits of classes outside
-  the example's task at -inf (its head), which every loss built on apply (the batch's, the memory
-  gradients', a Fisher) then respects. classes: (T, C) bool (`tasks.TaskStream.classes`).
+  Per task for the variants that ask for it (independent), with a head per task on a split
+  stream (classes); the grouped variants read the hidden units themselves and have neither.
   """
-  if variant in GROUPED_VARIANTS:
+  if classes is not None and config.variant in GROUPED_VARIANTS:
     raise CljaxError(
-      f"{variant} reads the network's hidden units itself and has no multi-head form: use "
+      f"{config.variant} reads the network's hidden units itself and has no multi-head form: use "
       "protocol permutations or rotations, or another variant."
     )
-
-  def masked_apply(params, x):
-    logits = apply(params, x[:, :-1])
-    if logits.shape[-1] != classes.shape[1]:
-      raise CljaxError(
-        f"the network has {logits.shape[-1]} outputs but the split has {classes.shape[1]} classes."
-      )
-    head = classes[x[:, -1].astype(jnp.int32)]  # (N, C)
-    return jnp.where(head, logits, -jnp.inf)
-
-  def with_task(x, t):
-    return jnp.concatenate([x, jnp.full((x.shape[0], 1), t, x.dtype)], axis=1)
-
-  return masked_apply, with_task
-
-
-def _task_has_label(classes: jax.Array, y: jax.Array) -> jax.Array:
-  """(T, N) whether label y[n] is one of task t's classes (False for the padding label -1)."""
-  return (y[None, :] >= 0) & jnp.take(classes, jnp.maximum(y, 0), axis=1)
+  return make_network(
+    config.n_hiddens,
+    config.n_layers,
+    config.init,
+    n_tasks=n_tasks,
+    dim=dim,
+    per_task=registry.per_task_networks(config.variant),
+    classes=classes,
+  )
 
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices

@@ -16,9 +16,10 @@ one grouped run differently from the default level 2, so the file is recorded un
 gem and gem_grouped were recorded again when their QP moved out of the compiled slot counts (one
 solve at size T with the future tasks masked, instead of one at each slot count): the same math,
 rounded differently (gem: Final 0.4167 -> 0.4214, Forward -0.0282 -> -0.0269; gem_grouped: one
-matrix entry in the fourth decimal); every other run stayed bit for bit. The baselines (ewc, er)
-came later and were recorded on another CPU with `python tests/golden_runs.py --add NAME...`:
-such a run carries its own environment, which decides whether it is compared bit for bit.
+matrix entry in the fourth decimal); every other run stayed bit for bit. The baselines (ewc, er,
+independent) came later and were recorded on another CPU with
+`python tests/golden_runs.py --add NAME...`: such a run carries its own environment, which
+decides whether it is compared bit for bit.
 """
 
 import json
@@ -60,6 +61,8 @@ RUNS = {
   ],
   "er": ["--model", "er"],
   "er-replay_buffer-reservoir": ["--model", "er", "--replay_buffer", "reservoir"],
+  "independent": ["--model", "independent"],
+  "independent-finetune-yes": ["--model", "independent", "--finetune", "yes"],
 }
 
 

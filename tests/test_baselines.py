@@ -16,6 +16,7 @@ import pytest
 
 from cljax import memory, tasks
 from cljax.errors import CljaxError
+from cljax.networks import finetune_start
 from cljax.rules.base import HParams, StepContext, TaskEndContext
 from cljax.rules.er import BUFFERS, er, replay_sample
 from cljax.rules.ewc import FISHERS, ewc, fisher_diagonal
@@ -273,4 +274,32 @@ def test_ewc_in_the_engine_accumulates_a_fisher_per_finished_task(stream):
 def test_bad_baseline_settings_are_one_line(kwargs, match):
   with pytest.raises(CljaxError, match=match) as err:
     Config(**kwargs)
+  assert "\n" not in str(err.value)
+
+
+def test_independent_leaves_finished_tasks_exactly_as_they_were(stream):
+  result = jax.jit(make_train(small(variant="independent", n_hiddens=15)))(
+    jax.random.key(0), stream
+  )
+  R = np.asarray(result.acc)
+  for t in range(3):  # network t is trained on task t only: its accuracy never moves after
+    np.testing.assert_array_equal(R[t:, t], R[t, t])
+  assert result.params["hidden_0"]["kernel"].shape == (3, 784, 5)  # 15 // 3 units per task
+
+
+def test_finetune_starts_each_network_from_the_previous_one(stream):
+  params = {"w": jnp.arange(6.0).reshape(3, 2)}
+  np.testing.assert_array_equal(finetune_start(params, jnp.int32(0))["w"], params["w"])
+  np.testing.assert_array_equal(finetune_start(params, jnp.int32(2))["w"], [[0, 1], [2, 3], [2, 3]])
+  fresh = jax.jit(make_train(small(variant="independent", n_hiddens=15)))(jax.random.key(0), stream)
+  tuned = jax.jit(make_train(small(variant="independent", n_hiddens=15, finetune="yes")))(
+    jax.random.key(0), stream
+  )
+  np.testing.assert_array_equal(fresh.acc[0], tuned.acc[0])  # before the first copy: the same
+  assert not np.array_equal(fresh.acc[1, 1], tuned.acc[1, 1])
+
+
+def test_independent_needs_a_unit_per_task(stream):
+  with pytest.raises(CljaxError, match="n_hiddens 2 < n_tasks 3") as err:
+    jax.jit(make_train(small(variant="independent", n_hiddens=2)))(jax.random.key(0), stream)
   assert "\n" not in str(err.value)

@@ -28,6 +28,7 @@ RULE_SETTINGS = frozenset(
     "replay_batch_size",
     "replay_buffer",
     "fisher",
+    "finetune",
     "grouped",
     *QP_SETTINGS,
   }
@@ -43,12 +44,17 @@ AGEM_RULES = {
 
 
 class Variant(NamedTuple):
-  """A built-in variant: make(config) -> Rule; reads(agem_ref, projection) -> the settings read."""
+  """A built-in variant (`VARIANTS`).
+
+  make(config) -> Rule; reads(agem_ref, projection) -> the settings read; per_task_networks: one
+  network per task (`cljax.networks`), else one shared.
+  """
 
   name: str
   help: str
   make: Callable[[Any], Rule]
   reads: Callable[[str, str | None], frozenset[str]]
+  per_task_networks: bool = False
 
 
 def agem_pieces(config: Any) -> tuple[str, str, str]:
@@ -121,6 +127,14 @@ _GROUPED_HELP = {
 
 VARIANTS: dict[str, Variant] = {
   "single": Variant("single", "plain SGD on the current task", lambda c: single(), _fixed()),
+  "independent": Variant(
+    "independent",
+    "one network of n_hiddens / n_tasks units per task, plain SGD (GEM's independent; "
+    "--finetune yes starts network t from t - 1)",
+    lambda c: single(),
+    _fixed("finetune"),
+    per_task_networks=True,
+  ),
   "gem": Variant(
     "gem",
     "GEM: one row per past task, the dual QP (margin --memory_strength)",
@@ -160,6 +174,11 @@ GROUPED_VARIANTS = GROUPED_RULES
 def rule_for(config: Any) -> Rule:
   """The built-in rule of config.variant."""
   return VARIANTS[config.variant].make(config)
+
+
+def per_task_networks(variant: str) -> bool:
+  """Whether the variant trains one network per task (independent)."""
+  return VARIANTS[variant].per_task_networks
 
 
 def settings_read(variant: str, agem_ref: str = "pooled", projection: str | None = None):
