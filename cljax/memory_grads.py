@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.example_grads import ExampleGrads, example_grads, gram, weighted_grad
+from cljax.example_grads import ExampleGrads, example_grads, gram, has_bias, weighted_grad
 from cljax.memory import Memory, first_tasks, past_weights
 
 if TYPE_CHECKING:
@@ -100,10 +100,30 @@ def factored_checks(
 
 
 def task_gram(ctx: StepContext, mem: ExampleGrads, w: jax.Array) -> jax.Array:
-  """(n, n) the Gram matrix R R' of the task rows r_k = sum_i w_ki grad l_i; w (n, M)."""
+  """(n, n) the Gram matrix R R' of the task rows r_k = sum_i w_ki grad l_i; w (n, M).
+
+  Two ways, the cheaper for the shapes (static): through the (nM, nM) example Gram K, P = w K w'
+  (sum over layers of (nM)^2 (in + out) flops: small memories), or through the rows themselves,
+  r_k = A_k' (w_k D_k) per layer, then R R' (nM in out + n^2 in out: many memories per task,
+  e.g. 256, where K would be 5120 x 5120). The same math, rounded differently.
+  """
   n, M = w.shape
-  K = gram(ctx.params, mem).reshape(n, M, n, M)
-  return jnp.einsum("km,kmln,ln->kl", w, K, w)
+  layers = [(A.shape[1], mem.deltas[path].shape[1]) for path, A in mem.inputs.items()]
+  via_examples = sum((n * M) ** 2 * (i + o) for i, o in layers)
+  via_rows = sum((n * M + n * n) * i * o for i, o in layers)
+  if via_examples <= via_rows:
+    K = gram(ctx.params, mem).reshape(n, M, n, M)
+    return jnp.einsum("km,kmln,ln->kl", w, K, w)
+  P = jnp.zeros((n, n), jnp.float32)
+  for path, A in mem.inputs.items():
+    D = mem.deltas[path].reshape(n, M, -1)
+    wD = w[:, :, None] * D  # (n, M, out)
+    kernel = jnp.einsum("kmi,kmo->kio", A.reshape(n, M, -1), wD).reshape(n, -1)
+    P = P + kernel @ kernel.T
+    if has_bias(ctx.params, path):
+      bias = jnp.sum(wD, axis=1)  # (n, out)
+      P = P + bias @ bias.T
+  return P
 
 
 def past_grad_sum(

@@ -151,3 +151,37 @@ def test_refuses_networks_it_cannot_factor(model, match):
   params, x, y = _setup(model, 6, E=3)
   with pytest.raises(CljaxError, match=match):
     example_grads(_apply(model), params, x, y)
+
+
+@pytest.mark.parametrize("n_memories", [4, 40])  # the example Gram's way, the rows' way
+def test_task_gram_equals_the_gram_of_explicit_rows(n_memories):
+  import numerics
+
+  from cljax import memory_grads
+  from cljax.memory import Memory, past_weights
+  from cljax.rules.base import HParams, StepContext
+
+  T, D = 3, 784
+  model = make_mlp(16, 2)
+  params = model.init(jax.random.key(0), jnp.zeros((1, D)))["params"]
+  rng = np.random.default_rng(0)
+  filled = np.ones((T, n_memories), bool)
+  filled[1, -1] = False
+  mem = Memory(
+    jnp.asarray(rng.random((T, n_memories, D)), jnp.float32),
+    jnp.asarray(rng.integers(0, 10, (T, n_memories)), jnp.int32),
+    jnp.asarray(filled),
+    jnp.zeros((), jnp.int32),
+  )
+  apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  hp = HParams(jnp.float32(0.1), jnp.float32(0.0))
+  ctx = StepContext(
+    jnp.int32(T), params, mem.x[0, :1], mem.y[0, :1], mem, hp, jax.random.key(0), apply
+  )
+  w = past_weights(mem, ctx.t)
+  P = np.asarray(memory_grads.task_gram(ctx, memory_grads.memory_factors(ctx), w))
+  leaves = jax.tree.leaves(memory_grads.past_rows(ctx))  # (T, ...) each
+  rows = np.concatenate([np.asarray(a, np.float64).reshape(T, -1) for a in leaves], axis=1)
+  want = rows @ rows.T
+  # Two programs of inner products of p-length rows: the Gram bound (Cauchy-Schwarz, diagonal).
+  np.testing.assert_allclose(P, want, rtol=0, atol=numerics.gram_atol(want, rows.shape[1]))
