@@ -263,7 +263,7 @@ def test_memory_ring_buffer_follows_gem(batch):
 @pytest.mark.parametrize(
   "kwargs,match",
   [
-    (dict(variant="nope"), "unknown variant 'nope': choose one of single, gem"),
+    (dict(variant="nope"), "unknown variant 'nope': choose one of single, independent, gem"),
     (dict(lr=0.0), "lr must be a finite number > 0"),
     (dict(variant="gem", n_memories=0), "needs n_memories >= 1"),
     (dict(memory_strength=-1.0), "memory_strength must be a finite number >= 0"),
