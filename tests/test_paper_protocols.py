@@ -46,3 +46,9 @@ def test_the_report_has_a_row_per_method_and_protocol(small_dataset, args):
   acc = np.mean([r["paper_stats"]["acc"] for r in records])
   assert f"| single | {acc:.3f} +- " in text
   assert "GEM 77 s vs single 11 s" in text and "A-GEM 89.1" in text
+  # The training time per step: the run less its T + 1 evaluations, over its steps.
+  timed = paper_protocols.report(table, args.seeds, dict.fromkeys(paper_protocols.PROTOCOLS, 0.01))
+  r = records[0]
+  run_s = float(np.median([x["run_s"] for x in records]))
+  per_step = 1000 * (run_s - (len(r["matrix"]) + 1) * 0.01) / r["steps"]
+  assert f"| {run_s:.1f} | {per_step:.2f} |" in timed
