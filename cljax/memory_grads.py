@@ -215,18 +215,23 @@ def past_rows(ctx: StepContext) -> PyTree:
 
 def pooled_sample(
   memory: Memory, avail: jax.Array, key: jax.Array, sample_size: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array]:
   """A uniform sample without replacement (Gumbel top-k) of the memory's slots where avail.
 
-  avail: (T, M) bool. Returns x (k, D), y (k,), valid (k,) bool with k = min(sample_size, T M);
-  when fewer than k slots are available, the rest of the sample is invalid (valid False).
+  avail: (T, M) bool. Returns idx (k,) into the flattened (T M) slots and valid (k,) bool, with
+  k = min(sample_size, T M); when fewer than k slots are available, the rest is not valid. The
+  examples are `memory_rows(memory, idx)`.
   """
   flat = avail.reshape(-1)
   k = min(sample_size, flat.shape[0])
   scores = jnp.where(flat, jax.random.gumbel(key, flat.shape), -jnp.inf)
   _, idx = jax.lax.top_k(scores, k)
-  x = memory.x.reshape(-1, memory.x.shape[-1])[idx]
-  return x, memory.y.reshape(-1)[idx], flat[idx]
+  return idx, flat[idx]
+
+
+def memory_rows(memory: Memory, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The examples in the flattened (T M) slots idx (k,): x (k, D), y (k,)."""
+  return memory.x.reshape(-1, memory.x.shape[-1])[idx], memory.y.reshape(-1)[idx]
 
 
 def pooled_sample_grad(ctx: StepContext, sample_size: int) -> PyTree:
@@ -236,7 +241,8 @@ def pooled_sample_grad(ctx: StepContext, sample_size: int) -> PyTree:
   the filled slots of tasks k < t, as the A-GEM paper samples its episodic memory.
   """
   m = ctx.memory
-  x, y, valid = pooled_sample(m, m.filled & ctx.past[:, None], ctx.key, sample_size)
+  idx, valid = pooled_sample(m, m.filled & ctx.past[:, None], ctx.key, sample_size)
   w = valid.astype(jnp.float32)
   w = w / jnp.maximum(jnp.sum(w), 1.0)
+  x, y = memory_rows(m, idx)
   return jax.grad(lambda p: weighted_loss(ctx, p, x, y, w))(ctx.params)

@@ -430,11 +430,11 @@ def make_train(
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       x, y = tasks.train_batch(stream, t, j, config.batch_size)
       x = net.tag(x, t)  # with its task as a last column when the network needs it
-      key = jax.random.fold_in(step_key, state.step)
       memory = state.memory
       if rule.uses_memory and rule.memory_writes == "ring":  # before the step, as GEM's observe
         memory = write_memory(memory, t, x, y)
       loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
+      key = jax.random.fold_in(step_key, state.step)
       ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
       g, stats, rule_state = rule.update(g, ctx, state.rule_state)
       if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself

@@ -27,7 +27,8 @@ def replay_sample(ctx: StepContext, sample_size: int, buffer: str):
   """(x (k, D), y (k,), valid (k,)): the step's replay sample (`memory_grads.pooled_sample`)."""
   m = ctx.memory
   avail = m.filled & ctx.past[:, None] if buffer == "ring" else m.filled
-  return memory_grads.pooled_sample(m, avail, ctx.key, sample_size)
+  idx, valid = memory_grads.pooled_sample(m, avail, ctx.key, sample_size)
+  return (*memory_grads.memory_rows(m, idx), valid)
 
 
 def er(replay_batch_size: int, buffer: str = "ring") -> Rule:
