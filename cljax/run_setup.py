@@ -407,6 +407,8 @@ def parse_args(
       f"{args.dataset} images itself (dataset {args.dataset}, protocol {args.protocol}"
       + (", from the file name)" if derived else ")")
     )
+  if "classes_per_task" in args.given and args.protocol != "split":
+    notes.append(f"--classes_per_task is read by --protocol split only, not {args.protocol}")
   unused = unused_flags(args)
   if unused:
     what = registry.describe(args.model, args.agem_ref)[1].replace("(agem_ref", "(--agem_ref")

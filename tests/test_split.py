@@ -129,3 +129,12 @@ def test_cli_split_defaults_to_all_tasks_and_records_them(idx_dir, tmp_path, cap
   assert err[-1].endswith(
     "at most 5 tasks (10 classes), got n_tasks 7: lower n_tasks or classes_per_task."
   )
+
+
+def test_classes_per_task_without_split_is_a_note():
+  from cljax import run_setup
+
+  _, notes = run_setup.parse_args(["--classes_per_task", "5"])
+  assert notes == ["--classes_per_task is read by --protocol split only, not permutations"]
+  _, notes = run_setup.parse_args(["--classes_per_task", "5", "--protocol", "split"])
+  assert notes == []
