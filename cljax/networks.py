@@ -56,12 +56,7 @@ def make_network(
   classes: jax.Array | None = None,
 ) -> Network:
   """The network of a run of n_tasks tasks of dim-sized inputs (static shapes; jit-safe)."""
-  if per_task and n_hiddens < n_tasks:
-    raise CljaxError(
-      f"independent splits n_hiddens over the tasks (n_hiddens // n_tasks units each): "
-      f"n_hiddens {n_hiddens} < n_tasks {n_tasks}; raise n_hiddens or lower n_tasks."
-    )
-  model = make_mlp(n_hiddens // n_tasks if per_task else n_hiddens, n_layers, init=init)
+  model = task_mlp(n_hiddens, n_layers, init, n_tasks=n_tasks, per_task=per_task)
   tagged = per_task or classes is not None
   if classes is not None and classes.shape[1] != model.n_outputs:
     raise CljaxError(
@@ -92,6 +87,16 @@ def make_network(
     return jnp.concatenate([x, jnp.full((x.shape[0], 1), t, x.dtype)], axis=1)
 
   return Network(init_fn, apply, tag, model, per_task, tagged)
+
+
+def task_mlp(n_hiddens: int, n_layers: int, init: str, *, n_tasks: int, per_task: bool) -> MLP:
+  """The MLP one task runs on: n_hiddens units, or n_hiddens // n_tasks with per_task."""
+  if per_task and n_hiddens < n_tasks:
+    raise CljaxError(
+      f"independent splits n_hiddens over the tasks (n_hiddens // n_tasks units each): "
+      f"n_hiddens {n_hiddens} < n_tasks {n_tasks}; raise n_hiddens or lower n_tasks."
+    )
+  return make_mlp(n_hiddens // n_tasks if per_task else n_hiddens, n_layers, init=init)
 
 
 def task_params(params: PyTree, t: jax.Array) -> PyTree:

@@ -34,7 +34,7 @@ from cljax.memory import Memory, empty_memory, write_memory, write_reservoir
 from cljax.memory_grads import MODES as MEMORY_GRADS
 from cljax.memory_grads import mean_loss
 from cljax.models import INIT_SCHEMES, make_mlp
-from cljax.networks import Network, finetune_start, make_network, task_has_label
+from cljax.networks import Network, finetune_start, make_network, task_has_label, task_mlp
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
 from cljax.rules.er import BUFFERS as ER_BUFFERS
@@ -351,9 +351,7 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
     its classes' test examples, with its head (`networks`).
     """
     T, n_test = stream.pix_idx.shape[0], stream.test_x.shape[0]
-    model = make_network(
-      config.n_hiddens, config.n_layers, config.init, n_tasks=T, dim=1, per_task=per_task
-    ).model
+    model = task_mlp(config.n_hiddens, config.n_layers, config.init, n_tasks=T, per_task=per_task)
     bs = min(config.eval_batch_size, n_test)
     n_batches = math.ceil(n_test / bs)
     pad = n_batches * bs - n_test
