@@ -1,0 +1,74 @@
+"""GEM's reduced ResNet-18 (`cljax.resnet`): its size, its BatchNorm conventions, its shapes.
+
+Compared against: the parameter count of the GEM code's architecture written out layer by layer,
+PyTorch's BatchNorm update (running = 0.9 running + 0.1 batch mean), and the definition of
+evaluation mode (each example's logits independent of the batch it comes in).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax.models import param_count
+from cljax.resnet import ResNet18
+
+
+def gem_resnet18_params(nf=20, n_classes=100):
+  """The GEM code's ResNet18(nclasses, nf): conv weights (no bias), BatchNorm scale + shift."""
+  conv = lambda k, i, o: k * k * i * o  # noqa: E731
+  bn = lambda c: 2 * c  # noqa: E731
+  total = conv(3, 3, nf) + bn(nf)
+  width = nf
+  for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+    planes = nf * mult
+    for block in range(2):
+      s = stride if block == 0 else 1
+      total += conv(3, width, planes) + bn(planes) + conv(3, planes, planes) + bn(planes)
+      if s != 1 or width != planes:
+        total += conv(1, width, planes) + bn(planes)
+      width = planes
+  return total + width * n_classes + n_classes
+
+
+def init(model, batch=2):
+  return model.init(jax.random.key(0), jnp.zeros((batch, 3072)), train=False)
+
+
+def test_parameter_count_is_the_gem_codes():
+  variables = init(ResNet18())
+  assert param_count(variables["params"]) == gem_resnet18_params() == 1_109_240
+  assert param_count(init(ResNet18(n_classes=10, nf=8))["params"]) == gem_resnet18_params(8, 10)
+
+
+def test_training_mode_updates_the_running_averages_as_pytorch():
+  model = ResNet18(n_classes=5, nf=4)
+  variables = init(model)
+  x = jax.random.uniform(jax.random.key(1), (6, 3072))
+  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert logits.shape == (6, 5)
+  kernel = variables["params"]["conv1"]["kernel"]  # (3, 3, 3, nf) HWIO
+  conv1 = jax.lax.conv_general_dilated(
+    x.reshape(6, 32, 32, 3),
+    kernel,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  batch_mean = np.asarray(conv1).mean(axis=(0, 1, 2))
+  running = np.asarray(updates["batch_stats"]["bn1"]["mean"])  # 0.9 * 0 + 0.1 * batch mean
+  np.testing.assert_allclose(running, 0.1 * batch_mean, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_scores_each_example_on_its_own():
+  model = ResNet18(n_classes=5, nf=4)
+  variables = init(model)
+  x = jax.random.uniform(jax.random.key(2), (5, 3072))
+  apply = jax.jit(
+    lambda v, x, train: model.apply(v, x, train=train, mutable=train and ["batch_stats"]),
+    static_argnums=2,
+  )
+  alone, together = apply(variables, x[:1], False), apply(variables, x, False)
+  np.testing.assert_allclose(alone[0], together[0], rtol=1e-5, atol=1e-6)  # same math, batched
+  trained_alone, _ = apply(variables, x[:2], True)
+  trained_together, _ = apply(variables, x, True)
+  assert not np.allclose(trained_alone[0], trained_together[0], atol=1e-3)  # batch statistics
