@@ -34,10 +34,16 @@ def init(model, batch=2):
   return model.init(jax.random.key(0), jnp.zeros((batch, 3072)), train=False)
 
 
+def shapes(model):
+  """The variables' shapes only (jax.eval_shape: nothing is computed)."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 3072)), train=False))
+
+
 def test_parameter_count_is_the_gem_codes():
-  variables = init(ResNet18())
+  variables = shapes(ResNet18())
   assert param_count(variables["params"]) == gem_resnet18_params() == 1_109_240
-  assert param_count(init(ResNet18(n_classes=10, nf=8))["params"]) == gem_resnet18_params(8, 10)
+  assert param_count(shapes(ResNet18(n_classes=10, nf=8))["params"]) == gem_resnet18_params(8, 10)
+  assert set(variables["batch_stats"]["bn1"]) == {"mean", "var"}  # running averages, not params
 
 
 def test_training_mode_updates_the_running_averages_as_pytorch():
