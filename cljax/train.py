@@ -182,42 +182,22 @@ class Config:
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise CljaxError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}.")
-    if self.agem_ref not in AGEM_REFS:
-      raise CljaxError(f"unknown agem_ref {self.agem_ref!r}: choose one of {', '.join(AGEM_REFS)}.")
+    for field in dataclasses.fields(self):  # every field that declares its choices
+      choices, value = field.metadata.get("choices"), getattr(self, field.name)
+      if choices is not None and value is not None and value not in choices:
+        raise CljaxError(f"unknown {field.name} {value!r}: choose one of {', '.join(choices)}.")
     reads = registry.settings_read(self.variant, self.agem_ref, self.projection)
-    if self.memory_grads not in MEMORY_GRADS:
-      raise CljaxError(
-        f"unknown memory_grads {self.memory_grads!r}: choose one of {', '.join(MEMORY_GRADS)}."
-      )
-    for name, choices in (("replay_buffer", ER_BUFFERS), ("fisher", FISHERS)):
-      if getattr(self, name) not in choices:
-        raise CljaxError(
-          f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(choices)}."
-        )
-    for name, choices in (
-      ("reference_row", REFERENCE_ROWS),
-      ("trigger", TRIGGERS),
-      ("projection", PROJECTIONS),
-    ):
-      value = getattr(self, name)
-      if value is None:
-        continue
-      if value not in choices:
-        raise CljaxError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}.")
-      if not registry.composes(self.variant, self.agem_ref):
+    for name in ("reference_row", "trigger", "projection"):
+      if getattr(self, name) is not None and not registry.composes(self.variant, self.agem_ref):
         raise CljaxError(
           f"{name} applies to the task-mean A-GEM family ({', '.join(AGEM_RULES)}; agem with "
           f"agem_ref task_mean), not to {self.variant}"
           + (f" with agem_ref {self.agem_ref}." if self.variant == "agem" else ".")
         )
     # Non-finite settings are refused here: nan passes every comparison and the run would diverge.
-    for name, low, strict in (
-      ("lr", 0.0, True),
-      ("memory_strength", 0.0, False),
-      ("eps", 0.0, False),
-    ):
+    for name, strict in (("lr", True), ("memory_strength", False), ("eps", False)):
       value = getattr(self, name)
-      if not math.isfinite(value) or value < low or (strict and value == low):
+      if not math.isfinite(value) or value < 0 or (strict and value == 0):
         raise CljaxError(
           f"{name} must be a finite number {'>' if strict else '>='} 0, got {value}."
         )

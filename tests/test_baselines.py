@@ -269,6 +269,7 @@ def test_ewc_in_the_engine_accumulates_a_fisher_per_finished_task(stream):
     (dict(variant="ewc", fisher="exact"), "unknown fisher 'exact': choose one of empirical"),
     (dict(variant="er", replay_buffer="fifo"), "unknown replay_buffer 'fifo': choose one of ring"),
     (dict(variant="er", replay_batch_size=0), "replay_batch_size must be >= 1"),
+    (dict(variant="independent", finetune="maybe"), "unknown finetune 'maybe': choose one of yes"),
   ],
 )
 def test_bad_baseline_settings_are_one_line(kwargs, match):
