@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from cljax.errors import CljaxError
+from cljax.memory_grads import mean_loss
 from cljax.rules.base import Rule, StepContext, TaskEndContext, no_projection
 
 PyTree = Any
@@ -51,20 +51,14 @@ def fisher_diagonal(
   empirical: 1/m sum_{j valid} (grad l_j)^2, m the valid count (per-example gradients, vmapped);
   batch_squared: (grad 1/m sum_{j valid} l_j)^2. No valid example: zeros. jit-safe.
   """
+  if kind not in FISHERS:
+    raise CljaxError(f"unknown fisher {kind!r}: choose one of {', '.join(FISHERS)}.")
   w = valid.astype(x.dtype) / jnp.maximum(jnp.sum(valid), 1).astype(x.dtype)
-
-  def loss(p, xs, ys, ws):
-    ce = optax.softmax_cross_entropy_with_integer_labels(apply(p, xs), ys)
-    return jnp.sum(ws * ce)
-
+  one = lambda p, xj, yj: mean_loss(apply, p, xj[None], yj[None])  # noqa: E731  l_j
+  per_example = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, x, y)  # (n, ...) grad l_j
   if kind == "empirical":
-    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0))(
-      params, x[:, None], y[:, None], jnp.ones_like(w)[:, None]
-    )  # (n, ...) per leaf: grad l_j
     return jax.tree.map(lambda g: jnp.tensordot(w, jnp.square(g), axes=1), per_example)
-  if kind == "batch_squared":
-    return jax.tree.map(jnp.square, jax.grad(loss)(params, x, y, w))
-  raise CljaxError(f"unknown fisher {kind!r}: choose one of {', '.join(FISHERS)}.")
+  return jax.tree.map(lambda g: jnp.square(jnp.tensordot(w, g, axes=1)), per_example)
 
 
 def ewc(fisher: str = "empirical") -> Rule:
