@@ -304,3 +304,10 @@ def test_independent_needs_a_unit_per_task(stream):
   with pytest.raises(CljaxError, match="n_hiddens 2 < n_tasks 3") as err:
     jax.jit(make_train(small(variant="independent", n_hiddens=2)))(jax.random.key(0), stream)
   assert "\n" not in str(err.value)
+
+
+def test_a_rule_with_an_unknown_memory_policy_is_one_line():
+  rule = er(3)._replace(memory_writes="fifo")
+  with pytest.raises(CljaxError, match="unknown memory_writes 'fifo' of the rule") as err:
+    make_train(small(variant="er"), rule=rule)
+  assert "\n" not in str(err.value)
