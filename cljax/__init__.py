@@ -4,10 +4,12 @@
                                n_tasks=10, samples_per_task=1000, seed=3)
     result = jax.jit(cljax.make_train(cljax.Config(variant="agem_new")))(jax.random.key(3), stream)
 
-Any `cljax.rules.Rule` runs in the same engine: `cljax.make_train(config, rule=...)`.
+Any `cljax.rules.Rule` runs in the same engine: `cljax.make_train(config, rule=...)`, and any Flax
+module: `cljax.make_train(config, network=cljax.networks.from_module(module, input_shape=(28, 28,
+1), n_classes=10))`.
 """
 
-from cljax import rules, transforms
+from cljax import networks, rules, transforms
 from cljax.data import Dataset, Split, load_dataset
 from cljax.errors import CljaxError
 from cljax.grouped.groups import group_param_weights, make_groupings
@@ -15,6 +17,7 @@ from cljax.grouped.relatedness import relatedness_divergence, von_neumann_diverg
 from cljax.grouped.state import GroupedConfig
 from cljax.metrics import format_seed_line, gem_stats, paper_stats
 from cljax.models import MLP, make_mlp, param_count
+from cljax.networks import Network, from_module
 from cljax.projections import (
   GEMInfo,
   agem_project,
@@ -43,6 +46,7 @@ __all__ = [
   "GEMInfo",
   "GroupedConfig",
   "HParams",
+  "Network",
   "QPInfo",
   "Rule",
   "RunResult",
@@ -53,6 +57,7 @@ __all__ = [
   "agem_project",
   "eval_set",
   "format_seed_line",
+  "from_module",
   "gem_dual",
   "gem_project",
   "gem_stats",
@@ -65,6 +70,7 @@ __all__ = [
   "make_stream",
   "make_sweep",
   "make_train",
+  "networks",
   "paper_stats",
   "param_count",
   "project_orthogonal",

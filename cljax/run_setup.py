@@ -468,9 +468,12 @@ def name_parts(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_config(args: argparse.Namespace) -> train.Config:
-  """The engine's `Config` from parsed arguments (raises CljaxError on bad values)."""
+  """The engine's `Config` from parsed arguments (raises CljaxError on bad values).
+
+  memory_grads auto is resolved for the MLP (`train.resolve_config`): what results.json records.
+  """
   fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
-  return train.Config(**fields, grouped=grouped_config(args))
+  return train.resolve_config(train.Config(**fields, grouped=grouped_config(args)))
 
 
 def has_idx_files(directory: str) -> bool:

@@ -1,10 +1,13 @@
 """The continual-learning run: any rule as one jit-compiled scan over tasks and steps.
 
-`make_train(config, rule=None)` closes over a static `Config` and a `cljax.rules.Rule` (default:
-the config's variant) and returns `train(key, stream, hparams)`:
+`make_train(config, rule=None, network=None)` closes over a static `Config`, a `cljax.rules.Rule`
+(default: the config's variant) and a `cljax.networks.Network` (default: GEM's MLP from the
+config) and returns `train(key, stream, hparams)`:
 
     run = jax.jit(make_train(config))
     result = run(jax.random.key(3), stream)           # RunResult: (T, T) accuracies and counters
+    net = cljax.networks.from_module(MyCNN(), input_shape=(28, 28, 1), n_classes=10)
+    result = jax.jit(make_train(config, network=net))(jax.random.key(3), stream)
 
 Structure: a `lax.scan` over tasks; within a task a scan over chunks of `log_every` steps, each a
 scan over the chunk's training steps followed by an evaluation of all T test sets.
@@ -27,14 +30,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax import tasks
+from cljax import data, tasks
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig, check_sizes
 from cljax.memory import Memory, empty_memory, write_memory, write_reservoir
 from cljax.memory_grads import MODES as MEMORY_GRADS
 from cljax.memory_grads import mean_loss
 from cljax.models import INIT_SCHEMES, make_mlp
-from cljax.networks import Network, finetune_start, make_network, task_has_label, task_mlp
+from cljax.networks import (
+  Network,
+  TaskNetwork,
+  check_fits,
+  finetune_start,
+  get_path,
+  mlp_network,
+  set_path,
+  task_has_label,
+  task_network,
+  task_params,
+)
 from cljax.rules import agem, registry
 from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
 from cljax.rules.er import BUFFERS as ER_BUFFERS
@@ -96,12 +110,14 @@ class Config:
       mean row into GEM's QP under GEM's per-task trigger, margin = the mean of h over past
       tasks, layers and non-empty groups (1 + GroupedConfig.margin by construction of h).
       memory_strength is not read by them.
-    memory_grads: how past-task memory gradients are computed. "factored" (default): one forward
-      and backward pass over the whole (T x n_memories) memory, kept as per-example factors
+    memory_grads: how past-task memory gradients are computed. "factored": one forward and
+      backward pass over the whole (T x n_memories) memory, kept as per-example factors
       (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
-      and no (t, p) row is formed. "explicit": one backward pass per past task, rows as pytrees,
-      and `gem_project` on them (the direct transcription; works for any differentiable model).
-      Both compute the same numbers up to float rounding.
+      and no (t, p) row is formed; networks of Dense layers only (the MLP). "explicit": one
+      backward pass per past task, rows as pytrees, and `gem_project` on them (the direct
+      transcription; works for any differentiable network). Both compute the same numbers up to
+      float rounding. "auto" (default): factored where the network allows (`Network.dense_only`),
+      else explicit (`resolve_config`).
   """
 
   variant: str = _flag("agem_new", "the rule", flag="model", gem=True)
@@ -153,10 +169,11 @@ class Config:
   eval_batch_size: int = _flag(2000, "test examples per evaluation batch")
   qp_max_iter: int = _flag(1000, "iteration cap of the QP solver")
   memory_grads: str = _flag(
-    "factored",
-    "memory gradients from per-example factors (fast, the MLP) or one backward pass per past "
-    "task (explicit rows); the same numbers up to rounding",
-    choices=MEMORY_GRADS,
+    "auto",
+    "memory gradients from per-example factors (fast; networks of Dense layers, the MLP) or one "
+    "backward pass per past task (explicit rows; any network); the same numbers up to rounding. "
+    "auto: factored where the network allows",
+    choices=("auto", *MEMORY_GRADS),
   )
   reference_row: str | None = _flag(
     None,
@@ -209,7 +226,7 @@ class Config:
         f"grouped must be a cljax.grouped.state.GroupedConfig, got {type(self.grouped).__name__}."
       )
     if "grouped" in reads:
-      if self.memory_grads != "factored":
+      if self.memory_grads == "explicit":
         raise CljaxError(
           f"{self.variant} builds its grouped rows from per-example factors: use memory_grads "
           "'factored'."
@@ -317,39 +334,88 @@ def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
   return steps, chunk, math.ceil(steps / chunk)
 
 
-def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array]:
-  """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits)."""
+def resolve_config(config: Config, network: Network | None = None) -> Config:
+  """The config with memory_grads "auto" made what the network allows (None: the MLP).
+
+  auto is "factored" where every parameter is a Dense layer's (`Network.dense_only`: the MLP),
+  else "explicit"; what a run records (`results.json`'s train_config).
+
+  Raises:
+    CljaxError: memory_grads "factored" for a network it cannot take, or a grouped variant on
+      a network other than cljax's MLP (it groups the MLP's hidden units). One line each.
+  """
+  if network is not None and not network.mlp and config.variant in GROUPED_VARIANTS:
+    raise CljaxError(
+      f"{config.variant} groups the hidden Dense units of cljax's MLP, which a "
+      f"{type(network.module).__name__} does not have: use another variant, or the MLP "
+      "(network None)."
+    )
+  dense = network is None or network.dense_only
+  if config.memory_grads == "factored" and not dense:
+    raise CljaxError(
+      f"memory_grads factored needs a network of Dense layers, each applied once to (B, n_in) "
+      f"rows; {type(network.module).__name__} is not one: use memory_grads auto or explicit."
+    )
+  if config.memory_grads != "auto":
+    return config
+  return dataclasses.replace(config, memory_grads="factored" if dense else "explicit")
+
+
+def make_evaluate(
+  config: Config, network: Network | None = None
+) -> Callable[[Any, tasks.TaskStream], jax.Array]:
+  """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits).
+
+  network: the run's `Network` (None: the config's MLP).
+  """
   per_task = registry.per_task_networks(config.variant)
 
   def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
-    """(T,) test accuracy on every task.
+    """(T,) test accuracy on every task, in batches of eval_batch_size test examples.
 
-    Each task's pixel map A_t is linear, so it is folded into the first layer instead of applied
-    to the images: (A_t x) W = x (A_t' W). All T tasks then share one matrix product with the base
-    test images, in batches of eval_batch_size examples (memory: batch x T x n_hiddens floats).
-    Per-task networks (independent): task t is scored on network t. A split stream: task t on
-    its classes' test examples, with its head (`networks`).
+    With a first Dense layer on the flat image (`Network.first_dense`, the MLP's hidden_0): each
+    task's pixel map A_t is linear, so it is folded into that layer instead of applied to the
+    images, (A_t x) W = x (A_t' W), and all T tasks share the base test images (memory: batch x
+    T x the layer's width). Otherwise each task's images are mapped and run through the
+    network, one task at a time (memory: batch x D); on a split stream, whose maps are the
+    identity, one pass of a shared network scores every task. Per-task networks (independent):
+    task t is scored on network t. A split stream: task t on its classes' test examples, with
+    its head (`networks`).
     """
     T, n_test = stream.pix_idx.shape[0], stream.test_x.shape[0]
-    model = task_mlp(config.n_hiddens, config.n_layers, config.init, n_tasks=T, per_task=per_task)
+    net = network_of(config, T, stream.test_x.shape[1], stream.classes, network).network
     bs = min(config.eval_batch_size, n_test)
     n_batches = math.ceil(n_test / bs)
     pad = n_batches * bs - n_test
-    first = params["hidden_0"]
-    kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(0 if per_task else None, 0, 0))(
-      first["kernel"], stream.pix_idx, stream.pix_w
-    )  # (T, D, H)
+    path = net.first_dense
+    if path is not None:
+      kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(0 if per_task else None, 0, 0))(
+        get_path(params, path)["kernel"], stream.pix_idx, stream.pix_w
+      )  # (T, D, H)
     x_all = jnp.pad(stream.test_x, ((0, pad), (0, 0))).reshape(n_batches, bs, -1)
     y_all = jnp.pad(stream.test_y, (0, pad), constant_values=-1).reshape(n_batches, bs)
 
-    def one_batch(args):
-      x, y = args
+    def folded_logits(x):  # (T, bs, classes): task t's folded first layer on the base images
       x = x.astype(jnp.float32) * tasks.PIXEL_SCALE
 
-      def task_logits(kernel, p):  # (bs, classes) with task t's folded first layer
-        return model.apply({"params": {**p, "hidden_0": {**p["hidden_0"], "kernel": kernel}}}, x)
+      def task_logits(kernel, p):
+        return net.apply(set_path(p, path, {**get_path(p, path), "kernel": kernel}), x)
 
-      logits = jax.vmap(task_logits, in_axes=(0, 0 if per_task else None))(kernels, params)
+      return jax.vmap(task_logits, in_axes=(0, 0 if per_task else None))(kernels, params)
+
+    def mapped_logits(x):  # (T, bs, classes): task t's images through its map, task by task
+      if stream.classes is not None and not per_task:
+        return net.apply(params, x.astype(jnp.float32) * tasks.PIXEL_SCALE)[None]
+
+      def task_logits(t):
+        x_t = tasks.apply_transform(x, stream.pix_idx[t], stream.pix_w[t])
+        return net.apply(task_params(params, t) if per_task else params, x_t)
+
+      return jax.lax.map(task_logits, jnp.arange(T))
+
+    def one_batch(args):
+      x, y = args
+      logits = folded_logits(x) if path is not None else mapped_logits(x)
       if stream.classes is None:
         return jnp.sum(jnp.argmax(logits, axis=-1) == y[None], axis=1)  # padding: y = -1
       # Multi-head: task t's head is its classes' logits, scored on its classes' examples.
@@ -367,7 +433,11 @@ def make_evaluate(config: Config) -> Callable[[Any, tasks.TaskStream], jax.Array
 
 
 def make_train(
-  config: Config, rule: Rule | None = None, *, progress: Callable[[Any, Any], None] | None = None
+  config: Config,
+  rule: Rule | None = None,
+  *,
+  network: Network | None = None,
+  progress: Callable[[Any, Any], None] | None = None,
 ):
   """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
 
@@ -377,22 +447,27 @@ def make_train(
   Args:
     config: the static `Config` (network, memory, schedule; the built-in rule's settings).
     rule: the `cljax.rules.Rule` to run (default: config.variant's, `cljax.rules.registry`).
+    network: the `cljax.networks.Network` to train (`from_module` makes one of any Flax
+      module); None: GEM's MLP from the config's n_layers, n_hiddens and init. A network that
+      does not fit the stream's examples or classes is refused in one line when traced, before
+      compiling.
     progress: optional host function progress(t, acc_row) called once at the end of each task
       (through `jax.debug.callback`, outside the steps), e.g. to print a progress line.
   """
+  config = resolve_config(config, network)
   rule = registry.rule_for(config) if rule is None else rule
   if rule.memory_writes not in ("ring", "reservoir"):
     raise CljaxError(
       f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
     )
-  evaluate = make_evaluate(config)
+  evaluate = make_evaluate(config, network)
 
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     hp = default_hparams(config) if hparams is None else hparams
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
-    net = network_of(config, T, D, stream.classes)
+    net = network_of(config, T, D, stream.classes, network)
     params, apply = net.init(init_key), net.apply
 
     def batch_loss(params, x, y):
@@ -462,26 +537,38 @@ def make_train(
   return train
 
 
-def network_of(config: Config, n_tasks: int, dim: int, classes: jax.Array | None = None) -> Network:
-  """The run's `cljax.networks.Network`.
+def network_of(
+  config: Config,
+  n_tasks: int,
+  dim: int,
+  classes: jax.Array | None = None,
+  network: Network | None = None,
+) -> TaskNetwork:
+  """The run's `cljax.networks.TaskNetwork`: network (None: the config's MLP) over its tasks.
 
   Per task for the variants that ask for it (independent), with a head per task on a split
   stream (classes); the grouped variants read the hidden units themselves and have neither.
+
+  Raises:
+    CljaxError: a grouped variant on a split stream, or a network that does not fit the stream.
   """
   if classes is not None and config.variant in GROUPED_VARIANTS:
     raise CljaxError(
       f"{config.variant} reads the network's hidden units itself and has no multi-head form: use "
       "protocol permutations or rotations, or another variant."
     )
-  return make_network(
-    config.n_hiddens,
-    config.n_layers,
-    config.init,
-    n_tasks=n_tasks,
-    dim=dim,
-    per_task=registry.per_task_networks(config.variant),
-    classes=classes,
-  )
+  per_task = registry.per_task_networks(config.variant)
+  if network is None:
+    network = mlp_network(
+      config.n_hiddens,
+      config.n_layers,
+      config.init,
+      n_tasks=n_tasks,
+      per_task=per_task,
+      n_inputs=dim,
+    )
+  check_fits(network, dim=dim, classes=classes, n_labels=data.NUM_CLASSES)
+  return task_network(network, n_tasks=n_tasks, per_task=per_task, classes=classes)
 
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices

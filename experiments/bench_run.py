@@ -18,6 +18,11 @@ second `make run` pays:
   train         the run minus its 101 evaluations, and per training step
   peak MB       the first process's max RSS (compiling is most of it)
 
+agem_cnn is agem on the CNN of experiments/custom_network.py, a network from outside cljax
+(`cljax.networks.from_module`): its evaluation maps each task's images (no first Dense layer to
+fold them into) and its memory gradients are explicit; its flop per example is XLA's cost
+analysis of the module's forward pass.
+
 With --e2e the whole process `python -m cljax --model V` is also timed, with an empty cache and
 again with a warm one (median of --e2e_repeats): what `make run VARIANT=V` costs.
 
@@ -38,10 +43,12 @@ import jax
 import jax.numpy as jnp
 
 from cljax import data, tasks
+from cljax.networks import Network, from_module
 from cljax.run_folder import write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
 VARIANTS = ["single", "agem", "agem_old", "agem_new", "agem_qp_mean", "gem", "gem_grouped"]
+OTHER_NETWORKS = {"agem_cnn": "agem"}  # a row name -> the variant it runs on the CNN
 PARAMS = 89_610  # the MLP 784-100-100-10's parameters: flop per example and layer pass / 2
 T, S, M, EVERY = 10, 1000, 10, 100
 N_EVALS = T * (S // EVERY) + 1  # GEM's schedule and the baseline
@@ -63,8 +70,25 @@ def _matmul_gflops() -> float:
   return 2 * 2048**3 / _median_time(lambda: jax.block_until_ready(mm(a)), 10) / 1e9
 
 
+def _cnn() -> Network:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from custom_network import CNN  # an experiment beside this one
+
+  return from_module(CNN(), input_shape=(28, 28, 1), n_classes=10)
+
+
+def _forward_flop(network: Network) -> float:
+  """XLA's flop count of the network's forward pass, per example (batch 100)."""
+  params = network.init(jax.random.key(0))
+  x = jnp.zeros((100, network.n_inputs), jnp.float32)
+  cost = jax.jit(network.apply).lower(params, x).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return cost["flops"] / 100
+
+
 def measure(variant: str, repeats: int, warm_only: bool) -> dict:
   """One variant in this process (its compilation cache set by the parent)."""
+  network = _cnn() if variant in OTHER_NETWORKS else None
   stream = tasks.make_stream(
     data.load_dataset("fashion_mnist"),
     protocol="permutations",
@@ -73,21 +97,22 @@ def measure(variant: str, repeats: int, warm_only: bool) -> dict:
     seed=3,
   )
   key = jax.random.key(3)
-  cfg = Config(variant=variant, log_every=EVERY, agem_ref="task_mean")
+  cfg = Config(variant=OTHER_NETWORKS.get(variant, variant), log_every=EVERY, agem_ref="task_mean")
   t0 = time.perf_counter()
-  run = jax.jit(make_train(cfg)).lower(key, stream).compile()
+  run = jax.jit(make_train(cfg, network=network)).lower(key, stream).compile()
   out = {"variant": variant, "compile_s": time.perf_counter() - t0}
   if warm_only:
     return out
   result = jax.block_until_ready(run(key, stream))  # warm-up
   out["run_s"] = _median_time(lambda: jax.block_until_ready(run(key, stream)), repeats)
-  evaluate = jax.jit(make_evaluate(cfg)).lower(result.params, stream).compile()
+  evaluate = jax.jit(make_evaluate(cfg, network)).lower(result.params, stream).compile()
   jax.block_until_ready(evaluate(result.params, stream))
   out["eval_s"] = _median_time(lambda: jax.block_until_ready(evaluate(result.params, stream)), 5)
   out["matmul_gflops"] = _matmul_gflops()
-  eval_flop = 2 * T * stream.test_x.shape[0] * PARAMS
+  forward = 2 * PARAMS if network is None else _forward_flop(network)  # per example
+  eval_flop = T * stream.test_x.shape[0] * forward
   memory_examples = 0 if variant == "single" else M * sum(range(T))  # t x M, summed over tasks
-  train_flop = 6 * PARAMS * (T * S + S * memory_examples)
+  train_flop = 3 * forward * (T * S + S * memory_examples)
   out["eval_gflops"] = eval_flop / out["eval_s"] / 1e9
   out["floor_s"] = (N_EVALS * eval_flop + train_flop) / (out["matmul_gflops"] * 1e9)
   out["train_s"] = max(out["run_s"] - N_EVALS * out["eval_s"], 0.0)
@@ -165,7 +190,8 @@ def main() -> None:
     "",
     f"Medians of {args.repeats} runs after a warm-up; float32 matmul rate {matmul:.0f} GFLOP/s "
     "(2048^3, measured in each variant's process). agem is the A-GEM paper's rule with the "
-    "task-mean reference. train = run - 101 evaluations.",
+    "task-mean reference; agem_cnn the same on experiments/custom_network.py's CNN. train = run "
+    "- 101 evaluations.",
   ]
   if args.e2e is not None:
     lines += [

@@ -272,7 +272,10 @@ def test_memory_ring_buffer_follows_gem(batch):
     (dict(memory_strength=float("nan")), "memory_strength must be a finite number >= 0, got nan"),
     (dict(eps=float("inf")), "eps must be a finite number >= 0, got inf"),
     (dict(agem_ref="x"), "unknown agem_ref"),
-    (dict(memory_grads="rows"), "unknown memory_grads 'rows': choose one of factored, explicit"),
+    (
+      dict(memory_grads="rows"),
+      "unknown memory_grads 'rows': choose one of auto, factored, explicit",
+    ),
     (dict(log_every=-1), "log_every must be >= 0"),
     (dict(n_layers=0), "n_layers"),
   ],

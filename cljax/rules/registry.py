@@ -7,6 +7,7 @@ lists variants. A factory takes the run's `cljax.train.Config` and returns its `
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -172,7 +173,13 @@ GROUPED_VARIANTS = GROUPED_RULES
 
 
 def rule_for(config: Any) -> Rule:
-  """The built-in rule of config.variant."""
+  """The built-in rule of config.variant.
+
+  memory_grads "auto" is taken as the MLP's "factored"; `cljax.train.make_train` resolves it for
+  its network first (`cljax.train.resolve_config`).
+  """
+  if getattr(config, "memory_grads", None) == "auto":
+    config = dataclasses.replace(config, memory_grads="factored")
   return VARIANTS[config.variant].make(config)
 
 
