@@ -22,35 +22,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import data, metrics, presets, tasks
+from cljax import data, metrics, presets, run_setup, tasks
 from cljax.models import make_mlp
 from cljax.run_folder import dumps, figure_png, write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
-PRESET = presets.PRESETS["gem_paper_mnist"].settings
-BASE = Config(
-  batch_size=PRESET["batch_size"],
-  lr=PRESET["lr"],
-  n_memories=PRESET["n_memories"],
-  memory_strength=PRESET["memory_strength"],
-  n_layers=PRESET["n_layers"],
-  n_hiddens=PRESET["n_hiddens"],
-  log_every=0,
-)
-# method -> the Config changes of its row. EWC's strength is not the preset's GEM margin: three
-# values, untuned beyond that (at lr 0.1, 10 and more diverge: lr * strength * F > 2). A-GEM's
-# reference sample is 256 examples (the A-GEM paper's); ER replays as many memory examples as the
-# batch holds (Chaudhry et al. 2019).
+PRESET_NAME = "gem_paper_mnist"
+PRESET = presets.PRESETS[PRESET_NAME].settings
+# method -> (its --model, the row's own flags on top of the preset). Every other setting is the
+# preset's for that model, as `--preset gem_paper_mnist --model M` resolves it (A-GEM's reference
+# sample of 256, ER's replay of a batch's size). EWC's strength is not the preset's GEM margin:
+# three values, this table's own, untuned beyond that (at lr 0.1, 10 and more diverge:
+# lr * strength * F > 2).
 METHODS = {
-  "single": dict(variant="single"),
-  "independent": dict(variant="independent"),
-  "ewc (0.3)": dict(variant="ewc", memory_strength=0.3),
-  "ewc (1)": dict(variant="ewc", memory_strength=1.0),
-  "ewc (3)": dict(variant="ewc", memory_strength=3.0),
-  "er": dict(variant="er", replay_batch_size=10),
-  "gem": dict(variant="gem"),
-  "agem": dict(variant="agem", agem_ref="pooled", replay_batch_size=256),
+  "single": ("single", {}),
+  "independent": ("independent", {}),
+  "ewc (0.3)": ("ewc", {"memory_strength": 0.3}),
+  "ewc (1)": ("ewc", {"memory_strength": 1.0}),
+  "ewc (3)": ("ewc", {"memory_strength": 3.0}),
+  "er": ("er", {}),
+  "gem": ("gem", {}),
+  "agem": ("agem", {}),
 }
+
+
+def method_config(method: str) -> Config:
+  """A row's Config: the CLI's `--preset gem_paper_mnist --model M --log_every 0` + its flags."""
+  model, own = METHODS[method]
+  argv = ["--preset", PRESET_NAME, "--model", model, "--log_every", "0"]
+  for dest, value in own.items():
+    argv += [f"--{dest}", str(value)]
+  return run_setup.train_config(run_setup.parse_args(argv)[0])
+
+
 PROTOCOLS = ("permutations", "rotations", "split")
 METRICS = ("acc", "bwt", "fwt", "forgetting")
 # Published figures (different data: MNIST, not Fashion-MNIST; compare orderings and gaps).
@@ -68,7 +72,7 @@ def run_cell(args, dataset, protocol: str, method: str) -> list[dict]:
   paths = {s: record_path(args.runs_dir, protocol, method, s) for s in range(args.seeds)}
   todo = [s for s, p in paths.items() if not os.path.exists(p)]
   if todo:
-    config = dataclasses.replace(BASE, **METHODS[method])
+    config = method_config(method)
     n_tasks = None if protocol == "split" else PRESET["n_tasks"]
     streams = {
       s: tasks.make_stream(
@@ -128,8 +132,9 @@ def evaluation_seconds(dataset, protocol: str, repeats: int = 5) -> float:
   stream = tasks.make_stream(
     dataset, protocol=protocol, n_tasks=n_tasks, samples_per_task=PRESET["batch_size"], seed=0
   )
-  params = make_mlp(BASE.n_hiddens, BASE.n_layers).init(jax.random.key(0), jnp.zeros((1, 784)))
-  evaluate = jax.jit(make_evaluate(BASE)).lower(params["params"], stream).compile()
+  config = method_config("single")
+  params = make_mlp(config.n_hiddens, config.n_layers).init(jax.random.key(0), jnp.zeros((1, 784)))
+  evaluate = jax.jit(make_evaluate(config)).lower(params["params"], stream).compile()
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -165,7 +170,7 @@ def report(table: dict, n_seeds: int, eval_s: dict[str, float] | None = None) ->
       stats = {m: [r["paper_stats"][m] for r in recs] for m in METRICS}
       run_s = float(np.median([r["run_s"] for r in recs]))
       per_step = "-"  # independent's evaluation is of its own networks
-      if eval_s is not None and METHODS[method]["variant"] != "independent":
+      if eval_s is not None and METHODS[method][0] != "independent":
         train_s = run_s - (len(recs[0]["matrix"]) + 1) * eval_s[protocol]
         per_step = f"{1000 * train_s / recs[0]['steps']:.2f}"
       cells = [mean_std(stats[m]) for m in METRICS]

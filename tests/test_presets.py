@@ -1,5 +1,6 @@
 """`--preset NAME` (cljax.presets): named defaults of `python -m cljax` and cljax.sweep_cli."""
 
+import dataclasses
 import json
 import os
 
@@ -109,3 +110,36 @@ def test_a_run_records_its_preset(tmp_path, capsys):
   assert record["config"]["preset"] == "gem_paper_mnist" and record["unused_flags"] == []
   assert (record["train_config"]["lr"], record["train_config"]["batch_size"]) == (0.1, 10)
   assert record["train_config"]["n_memories"] == 4 and record["n_tasks"] == 2
+
+
+def test_a_papers_method_settings_come_with_the_preset_for_that_method_only():
+  # The A-GEM paper's reference sample (256) for agem; not for gem, which does not read it.
+  agem, notes = setup.parse_args(["--preset", "gem_paper_mnist", "--model", "agem"])
+  assert agem.replay_batch_size == 256 and notes == []
+  assert setup.train_config(agem).replay_batch_size == 256
+  gem, _ = setup.parse_args(["--preset", "gem_paper_mnist", "--model", "gem"])
+  assert gem.replay_batch_size == train.Config.replay_batch_size
+  given, notes = setup.parse_args(
+    ["--preset", "gem_paper_mnist", "--model", "agem", "--replay_batch_size", "64"]
+  )
+  assert given.replay_batch_size == 64
+  assert notes == ["preset gem_paper_mnist: --replay_batch_size 64 given, overrides its 256"]
+  assert "agem: replay_batch_size 256" in presets.describe("gem_paper_mnist")
+  assert "agem: replay_batch_size 256" in " ".join(setup.build_parser().format_help().split())
+
+
+def test_paper_protocols_runs_what_the_preset_runs():
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
+  import paper_protocols
+
+  fields = {f.name for f in dataclasses.fields(train.Config)}
+  for method, (model, own) in paper_protocols.METHODS.items():
+    config = paper_protocols.method_config(method)
+    assert config.variant == model
+    for dest, value in presets.settings_for("gem_paper_mnist", model).items():
+      field = "variant" if dest == "model" else dest
+      if field in fields:
+        assert getattr(config, field) == own.get(dest, value), (method, dest)
+  assert paper_protocols.method_config("agem").replay_batch_size == 256
