@@ -10,7 +10,7 @@ EXTRAS ?= tfds,plot,test,lint
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup data run sweep which-agem grouped paper test lint format bench-qp bench-run bench-sweep bench-grouped seed-variants clean
+.PHONY: setup data run sweep which-agem grouped paper test lint format bench-qp bench-run bench-sweep bench-grouped bench-cifar seed-variants clean
 
 setup: $(STAMP)
 
@@ -79,6 +79,10 @@ bench-sweep: setup data
 
 bench-grouped: setup
 	$(PY) experiments/bench_grouped.py --out experiments/results/bench_grouped.md $(ARGS)
+
+# Split CIFAR-100 under gem_paper_cifar: time per step and per evaluation (synthetic images).
+bench-cifar: setup
+	$(PY) experiments/bench_cifar.py --out experiments/results/bench_cifar.md $(ARGS)
 
 seed-variants: setup data
 	$(PY) experiments/seed_variants.py $(ARGS)

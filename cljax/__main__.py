@@ -21,6 +21,7 @@ import numpy as np
 from cljax import compile_cache, run_folder, tasks, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
+from cljax.networks import Network
 
 
 class _Prepared(NamedTuple):
@@ -28,6 +29,7 @@ class _Prepared(NamedTuple):
 
   args: argparse.Namespace
   config: train.Config
+  network: Network | None  # None: the config's MLP
   stream: tasks.TaskStream
   source: str  # "idx" or "tfds"
   directory: str | None  # the IDX folder read
@@ -41,7 +43,8 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
   args, notes = setup.parse_args(argv)
   for message in notes:
     setup.note(message)
-  config = setup.train_config(args)
+  network = setup.network_for(args)
+  config = setup.train_config(args, network)
   name = run_folder.run_name(
     args.model,
     args.dataset,
@@ -59,7 +62,7 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     setup.warning(message)
   schedule = train.schedule(config, stream)
   folder = os.path.join(args.save_path, name)
-  return _Prepared(args, config, stream, source, directory, folder, schedule, cache)
+  return _Prepared(args, config, network, stream, source, directory, folder, schedule, cache)
 
 
 def _progress_line(t: int, n_tasks: int, acc_row, seconds: float | None = None) -> str:
@@ -88,7 +91,7 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
   key = jax.random.key(p.args.seed)
   hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
   t0 = time.perf_counter()
-  run = jax.jit(train.make_train(p.config, progress=progress if live else None))
+  run = jax.jit(train.make_train(p.config, network=p.network, progress=progress if live else None))
   lowered = run.lower(key, p.stream, hp)
   with compile_cache.count_compiles() as compiles:
     compiled = lowered.compile()

@@ -1,10 +1,19 @@
-"""Fashion-MNIST / MNIST as uint8 numpy arrays, from IDX files or TensorFlow Datasets."""
+"""Image-classification datasets as uint8 numpy arrays: the MNISTs (IDX or TFDS), CIFAR (TFDS).
+
+Each dataset's `Spec` says what its examples are: image shape, classes, the normalisation its
+benchmarks use, its usual classes per task when split, and where TFDS downloads it from.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import logging
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from typing import NamedTuple
 
@@ -12,12 +21,59 @@ import numpy as np
 
 from cljax.errors import CljaxError
 
-DATASETS = ("fashion_mnist", "mnist")
+
+class Spec(NamedTuple):
+  """What a dataset's examples are.
+
+  image_shape: the arrays' (H, W) grey or (H, W, C) colour; n_classes; mean, std: per-channel
+  normalisation of the [0, 1] pixels, x' = (x / 255 - mean) / std, or None: x / 255;
+  classes_per_task: its tasks' classes under --protocol split, as its benchmarks split it;
+  idx: whether IDX files exist for it; download: a URL TFDS downloads it from (probed);
+  network: the network its benchmarks train ("mlp": GEM's MLP; "resnet18": GEM's reduced
+  ResNet-18, `cljax.resnet`).
+  """
+
+  image_shape: tuple[int, ...]
+  n_classes: int
+  mean: tuple[float, ...] | None
+  std: tuple[float, ...] | None
+  classes_per_task: int
+  idx: bool
+  download: str
+  network: str = "mlp"
+
+  @property
+  def channels_last(self) -> tuple[int, int, int]:
+    """(H, W, C): the shape a network takes one example in ((28, 28, 1) for the MNISTs)."""
+    return self.image_shape if len(self.image_shape) == 3 else (*self.image_shape, 1)
+
+
+_TORONTO = "https://www.cs.toronto.edu/~kriz/"
+SPECS = {
+  "fashion_mnist": Spec(
+    (28, 28), 10, None, None, 2, True, "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+  ),
+  "mnist": Spec((28, 28), 10, None, None, 2, True, "https://storage.googleapis.com/cvdf-datasets/"),
+  # Split CIFAR-10 as Mammoth / DER (5 tasks x 2 classes), normalised with their channel
+  # statistics; split CIFAR-100 as GEM and A-GEM (20 tasks x 5 classes), pixels / 255 as GEM's.
+  "cifar10": Spec(
+    (32, 32, 3),
+    10,
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2615),
+    2,
+    False,
+    _TORONTO,
+    "resnet18",
+  ),
+  "cifar100": Spec((32, 32, 3), 100, None, None, 5, False, _TORONTO, "resnet18"),
+}
+DATASETS = tuple(SPECS)
+NUM_CLASSES = 10  # the labels of a stream without a split: the MNISTs' (colour sets are split only)
 SOURCES = ("auto", "idx", "tfds")
 DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 DATA_PATH_ENV = "CLJAX_DATA"
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28)
+_PROBE_TIMEOUT_S = 3.0  # how long a missing TFDS dataset's download host may take to answer
 
 # (split, kind) -> IDX file stem; each file may be gzipped (".gz") or plain.
 IDX_FILES = {
@@ -49,8 +105,9 @@ class Split(NamedTuple):
   """One split of an image-classification dataset.
 
   Attributes:
-    images: (N, 28, 28) uint8 pixel intensities in [0, 255].
-    labels: (N,) int32 class labels in [0, 10).
+    images: (N, *image_shape) uint8 pixel intensities in [0, 255] ((N, 28, 28) for the MNISTs,
+      (N, 32, 32, 3) for CIFAR).
+    labels: (N,) int32 class labels in [0, n_classes).
   """
 
   images: np.ndarray
@@ -61,14 +118,19 @@ class Dataset(NamedTuple):
   """A dataset with its standard train/test splits.
 
   Attributes:
-    name: one of `DATASETS` ("fashion_mnist" or "mnist").
-    train: the training split (60000 examples for both datasets).
-    test: the test split (10000 examples for both datasets).
+    name: one of `DATASETS`; `spec` (`SPECS[name]`) says what its examples are.
+    train: the training split (60000 examples for the MNISTs, 50000 for CIFAR).
+    test: the test split (10000 examples).
   """
 
   name: str
   train: Split
   test: Split
+
+  @property
+  def spec(self) -> Spec:
+    """The dataset's `Spec`: image shape, classes, normalisation."""
+    return SPECS[self.name]
 
 
 def _check_name(name: str) -> None:
@@ -142,29 +204,33 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
-def _check_split(images: np.ndarray, labels: np.ndarray, *, where: str, what: str) -> Split:
-  """Validates one split's arrays and returns it as a Split (labels as int32)."""
-  if images.ndim != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+def _check_split(
+  images: np.ndarray, labels: np.ndarray, *, where: str, what: str, name: str = "fashion_mnist"
+) -> Split:
+  """Validates one split's arrays against `SPECS[name]` and returns it as a Split (int32 labels)."""
+  spec = SPECS[name]
+  shape = ", ".join(map(str, spec.image_shape))
+  if tuple(images.shape[1:]) != spec.image_shape:
     raise CljaxError(
-      f"{where}: {what} images have shape {tuple(images.shape)}, expected (N, 28, 28); "
-      "pass MNIST/Fashion-MNIST image files"
+      f"{where}: {what} images have shape {tuple(images.shape)}, expected (N, {shape}); "
+      f"pass {name} image files"
     )
   if images.dtype != np.uint8:
     raise CljaxError(f"{where}: {what} images have dtype {images.dtype}, expected uint8")
   if labels.ndim != 1:
     raise CljaxError(
       f"{where}: {what} labels have shape {tuple(labels.shape)}, expected (N,); "
-      "pass MNIST/Fashion-MNIST label files"
+      f"pass {name} label files"
     )
   if images.shape[0] != labels.shape[0]:
     raise CljaxError(
       f"{where}: {what} split has {images.shape[0]} images but {labels.shape[0]} labels; "
       "the image and label files must come from the same release"
     )
-  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+  if labels.size and (labels.min() < 0 or labels.max() >= spec.n_classes):
     raise CljaxError(
       f"{where}: {what} labels range over [{labels.min()}, {labels.max()}], expected "
-      f"[0, {NUM_CLASSES}); pass MNIST/Fashion-MNIST label files"
+      f"[0, {spec.n_classes}); pass {name} label files"
     )
   return Split(images=images, labels=labels.astype(np.int32))
 
@@ -207,6 +273,8 @@ def load_idx_dir(path: str | os.PathLike, name: str = "fashion_mnist") -> Datase
       shape/count/label-range checks.
   """
   _check_name(name)
+  if not SPECS[name].idx:
+    raise CljaxError(f"{name} has no IDX files: load it with load_tfds (--source tfds)")
   directory = os.fspath(path)
   expected = ", ".join(stem + "[.gz]" for stem in IDX_FILES.values())
   if not os.path.isdir(directory):
@@ -224,7 +292,7 @@ def load_idx_dir(path: str | os.PathLike, name: str = "fashion_mnist") -> Datase
   for split in ("train", "test"):
     images = read_idx(_idx_file(directory, IDX_FILES[(split, "images")]))
     labels = read_idx(_idx_file(directory, IDX_FILES[(split, "labels")]))
-    splits[split] = _check_split(images, labels, where=directory, what=split)
+    splits[split] = _check_split(images, labels, where=directory, what=split, name=name)
   return Dataset(name=name, train=splits["train"], test=splits["test"])
 
 
@@ -232,9 +300,12 @@ def resolve_data_path(name: str = "fashion_mnist", data_path: str | None = None)
   """The IDX directory to read: `data_path`, else $CLJAX_DATA, else the Debian default.
 
   The default, DEFAULT_DATA_PATH, exists only for Fashion-MNIST (Debian ships no MNIST
-  package), so for "mnist" without `data_path` or $CLJAX_DATA this returns None.
+  package), so for "mnist" without `data_path` or $CLJAX_DATA this returns None; so does every
+  dataset without IDX files (CIFAR).
   """
   _check_name(name)
+  if not SPECS[name].idx:
+    return None
   if data_path:
     return os.fspath(data_path)
   env = os.environ.get(DATA_PATH_ENV)
@@ -259,11 +330,16 @@ def resolve_source(
   "idx" and "tfds" are returned as given. "auto" is "idx" when an IDX directory was named
   (`data_path` or $CLJAX_DATA; loading then reports any problem with it) or when the default
   directory holds the four files; otherwise "tfds" when tensorflow_datasets is importable, else
-  "idx" (so that loading says which files are missing and how to get them).
+  "idx" (so that loading says which files are missing and how to get them). A dataset without
+  IDX files (CIFAR) is always "tfds".
   """
   _check_name(name)
   if source not in SOURCES:
     raise CljaxError(f"unknown data source {source!r}: choose one of {', '.join(SOURCES)}")
+  if not SPECS[name].idx:
+    if source == "idx":
+      raise CljaxError(f"{name} has no IDX files: it loads through TFDS (--source tfds or auto)")
+    return "tfds"
   if source != "auto":
     return source
   if data_path or os.environ.get(DATA_PATH_ENV):
@@ -297,19 +373,20 @@ def _read_tfds_split(tfds, name: str, split: str, data_dir: str | None, download
       "fix: check the network or --tfds_data_dir, or use the IDX files (--source idx, "
       f"{DATA_PATH_ENV})"
     ) from e
+  shape = SPECS[name].image_shape
   n = len(source)
-  images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+  images = np.empty((n, *shape), np.uint8)
   labels = np.empty((n,), np.int64)
   for i in range(n):
     example = source[i]
     image = np.asarray(example["image"])
-    if image.shape != (*IMAGE_SHAPE, 1) and image.shape != IMAGE_SHAPE:
+    if image.shape != shape and image.shape != (*shape, 1):
       raise CljaxError(
-        f"{where}: {split} example {i} has image shape {image.shape}, expected (28, 28, 1)"
+        f"{where}: {split} example {i} has image shape {image.shape}, expected {shape}"
       )
-    images[i] = image.reshape(IMAGE_SHAPE)
+    images[i] = image.reshape(shape)
     labels[i] = example["label"]
-  return _check_split(images, labels, where=where, what=split)
+  return _check_split(images, labels, where=where, what=split, name=name)
 
 
 def _read_tfds_split_tf(tfds, name: str, split: str, data_dir: str | None, download: bool) -> Split:
@@ -328,7 +405,67 @@ def _read_tfds_split_tf(tfds, name: str, split: str, data_dir: str | None, downl
   images = np.asarray(batch["image"], dtype=np.uint8)
   if images.ndim == 4 and images.shape[-1] == 1:
     images = images[..., 0]
-  return _check_split(images, np.asarray(batch["label"]), where=f"tfds {name}", what=split)
+  labels = np.asarray(batch["label"])
+  return _check_split(images, labels, where=f"tfds {name}", what=split, name=name)
+
+
+def _reachable(url: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+  """Whether url's server answers an HTTP HEAD request within timeout seconds (once, no retry).
+
+  Any HTTP answer counts, an error status too; no answer (no DNS, refused, timed out, a proxy
+  that accepts the connection but cannot reach the server) does not.
+  """
+  try:
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+      return True
+  except urllib.error.HTTPError:
+    return True
+  except (OSError, ValueError):
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """TFDS's absl warnings (e.g. an empty variant folder) off while cljax probes for the data."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def _check_obtainable(tfds, name: str, data_dir: str | None, download: bool) -> None:
+  """Fails in one line, within seconds, when the data is neither prepared nor downloadable.
+
+  Without it an offline machine spends minutes in TFDS's download retries (urllib3 warnings and
+  progress bars) before failing. Prepared: readable as ArrayRecord, or the builder says so
+  (TFRecord, read through TensorFlow). Downloadable: `download` and the dataset's download
+  server answers one HTTP request within _PROBE_TIMEOUT_S.
+  """
+  with _quiet_absl():
+    try:
+      tfds.data_source(name, split="test", data_dir=data_dir, download=False)
+      return
+    except Exception:  # not there as ArrayRecord: prepared otherwise, downloadable, or neither
+      pass
+    try:
+      if tfds.builder(name, data_dir=data_dir).is_prepared():
+        return
+    except Exception:  # an unreadable folder: let the reading say what is wrong
+      return
+  url = SPECS[name].download
+  if download and _reachable(url):
+    return
+  host = urllib.parse.urlsplit(url).hostname
+  where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  why = f"{host} cannot be reached (offline?)" if download else "download is off"
+  raise CljaxError(
+    f"{name} is not prepared in {where} and {why}; fix: run once with internet (TFDS downloads "
+    "it and prepares it there), or pass --tfds_data_dir a folder where TFDS prepared it"
+    + (f", or use the IDX files (--source idx, {DATA_PATH_ENV})" if SPECS[name].idx else "")
+  )
 
 
 def load_tfds(name: str, *, data_dir: str | None = None, download: bool = True) -> Dataset:
@@ -337,7 +474,9 @@ def load_tfds(name: str, *, data_dir: str | None = None, download: bool = True) 
   Uses `tfds.data_source` (random-access ArrayRecord files; TFDS downloads and prepares them in
   `data_dir` on first use when `download`). If the data in `data_dir` was prepared as TFRecord
   and TensorFlow is importable, falls back to `tfds.load(..., batch_size=-1)`.
-  Images (28, 28, 1) uint8 are squeezed to (28, 28); labels int64 become int32.
+  Images (28, 28, 1) uint8 are squeezed to (28, 28), CIFAR's stay (32, 32, 3) (CIFAR-100: its
+  fine labels, 100 classes); labels int64 become int32. Data that is not prepared while its
+  download host cannot be reached fails within seconds, in one line that says how to get it.
 
   Args:
     name: one of `DATASETS`.
@@ -359,6 +498,7 @@ def load_tfds(name: str, *, data_dir: str | None = None, download: bool = True) 
       "the TFDS source needs tensorflow_datasets, which is not installed; fix: "
       "pip install 'cljax[tfds]', or use the IDX files (--source idx)"
     ) from e
+  _check_obtainable(tfds, name, data_dir, download)
   train = _read_tfds_split(tfds, name, "train", data_dir, download)
   test = _read_tfds_split(tfds, name, "test", data_dir, download)
   return Dataset(name=name, train=train, test=test)
@@ -371,7 +511,7 @@ def load_dataset(
   source: str = "auto",
   tfds_data_dir: str | None = None,
 ) -> Dataset:
-  """Loads Fashion-MNIST or MNIST as uint8 arrays.
+  """Loads Fashion-MNIST, MNIST, CIFAR-10 or CIFAR-100 (TFDS only) as uint8 arrays.
 
   Sources:
     "idx": the four IDX files in `resolve_data_path(name, data_path)`: `data_path`, else
@@ -388,7 +528,7 @@ def load_dataset(
     tfds_data_dir: the TFDS data directory.
 
   Returns:
-    The Dataset: train (60000, 28, 28) / test (10000, 28, 28) uint8 images, int32 labels.
+    The Dataset: uint8 images (N, *SPECS[name].image_shape), int32 labels.
 
   Raises:
     CljaxError: bad name or source, or the chosen source cannot provide valid data.

@@ -15,6 +15,13 @@ detected on probes when it is made (`from_module`):
   memory gradients can be per-example factors (`cljax.example_grads`); else one backward pass
   per past task ("explicit").
 - mlp: cljax's own MLP, whose hidden units the grouped variants group; they refuse others.
+- state: the module's mutable collections besides its parameters (BatchNorm's "batch_stats",
+  e.g. `cljax.resnet.ResNet18`), which the run carries. Such a module takes Flax's `train`
+  keyword. `apply` (what the rules differentiate, memory gradients included) runs in training
+  mode: each call normalises with the statistics of the rows it is given, as PyTorch's
+  `train()`, and leaves the running averages alone; `apply_train` also returns them updated
+  (the engine's passes: the step's batch, and before it, as the GEM code's `observe`, each past
+  task's memory); `apply_eval` uses them (PyTorch's `eval()`).
 
 The stream's rows are flat (B, D) floats, D = prod(input_shape); `apply` gives the module its
 (B, *input_shape) view. A run wraps the network for its tasks (`task_network`):
@@ -58,7 +65,8 @@ class Network(NamedTuple):
   n_classes) logits; input_shape: one example's shape as the module takes it ((784,) for the
   MLP, (28, 28, 1) for a CNN on grey 28 x 28 images); n_classes: its outputs; first_dense: the
   path of the Dense layer the evaluation folds the pixel maps into, or None; dense_only: memory
-  gradients may be factored; mlp: cljax's own MLP (the grouped variants' hidden units).
+  gradients may be factored; mlp: cljax's own MLP (the grouped variants' hidden units); state:
+  the names of its mutable collections (() without).
   """
 
   module: nn.Module
@@ -67,20 +75,56 @@ class Network(NamedTuple):
   first_dense: Path | None = None
   dense_only: bool = False
   mlp: bool = False
+  state: tuple[str, ...] = ()
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the module carries state besides its parameters (BatchNorm's averages)."""
+    return bool(self.state)
 
   @property
   def n_inputs(self) -> int:
     """D = prod(input_shape): the length of a stream's flat example rows."""
     return math.prod(self.input_shape)
 
+  def _variables(self, key: jax.Array) -> PyTree:
+    x = jnp.zeros((1, *self.input_shape), jnp.float32)
+    if self.stateful:
+      return self.module.init(key, x, train=False)
+    return self.module.init(key, x)
+
   def init(self, key: jax.Array) -> PyTree:
     """The module's parameters (`variables["params"]`) for one example of input_shape."""
-    return self.module.init(key, jnp.zeros((1, *self.input_shape), jnp.float32))["params"]
+    return self._variables(key)["params"]
+
+  def init_state(self) -> PyTree:
+    """The module's initial state: {collection: its variables} (BatchNorm: means 0, variances 1)."""
+    variables = self._variables(jax.random.key(0))  # the parameter draws are dead code under jit
+    return {name: variables[name] for name in self.state}
+
+  def _shaped(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[0], *self.input_shape)
+    return x if x.shape == shape else x.reshape(shape)
 
   def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
-    """(B, D) flat rows (or (B, *input_shape)) -> (B, n_classes) logits."""
-    shape = (x.shape[0], *self.input_shape)
-    return self.module.apply({"params": params}, x if x.shape == shape else x.reshape(shape))
+    """(B, D) flat rows (or (B, *input_shape)) -> (B, n_classes) logits (training mode)."""
+    if self.stateful:  # the averages, created fresh and dropped, are not read in training mode
+      variables = {"params": params}
+      return self.module.apply(variables, self._shaped(x), train=True, mutable=list(self.state))[0]
+    return self.module.apply({"params": params}, self._shaped(x))
+
+  def apply_train(self, params: PyTree, state: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
+    """(logits, state updated by x's batch statistics): a stateful network's training pass."""
+    logits, updated = self.module.apply(
+      {"params": params, **state}, self._shaped(x), train=True, mutable=list(self.state)
+    )
+    return logits, {name: updated[name] for name in self.state}
+
+  def apply_eval(self, params: PyTree, state: PyTree, x: jax.Array) -> jax.Array:
+    """Logits in evaluation mode (a stateful network's running averages; else `apply`)."""
+    if not self.stateful:
+      return self.apply(params, x)
+    return self.module.apply({"params": params, **state}, self._shaped(x), train=False)
 
 
 def mlp_network(
@@ -115,10 +159,11 @@ def from_module(module: nn.Module, *, input_shape: tuple[int, ...], n_classes: i
 
   Args:
     module: a `flax.linen.Module` whose apply({"params": p}, x (B, *input_shape)) returns
-      (B, n_classes) logits, each example's from its own row (no batch statistics: a module
-      with state besides "params", e.g. BatchNorm's, is refused).
+      (B, n_classes) logits.
     input_shape: one example's shape, e.g. (28, 28, 1); flat rows of prod(input_shape) values
-      (height, width, channel order) reach it reshaped to it.
+      (height, width, channel order) reach it reshaped to it. A module with mutable
+      collections (BatchNorm's) takes Flax's train keyword and runs with its state (module
+      docstring).
     n_classes: the number of logits.
 
   Returns:
@@ -128,8 +173,8 @@ def from_module(module: nn.Module, *, input_shape: tuple[int, ...], n_classes: i
 
   Raises:
     CljaxError: not a Flax module, a bad input_shape or n_classes, a module that fails on
-      input_shape, returns other than (B, n_classes) logits, or holds state besides its
-      parameters. One line each.
+      input_shape (a stateful one: with train=True) or returns other than (B, n_classes)
+      logits. One line each.
   """
   if not isinstance(module, nn.Module):
     raise CljaxError(f"network must be a flax.linen.Module, got {type(module).__name__}.")
@@ -143,30 +188,35 @@ def from_module(module: nn.Module, *, input_shape: tuple[int, ...], n_classes: i
     raise CljaxError(f"n_classes must be an int >= 2, got {n_classes!r}.")
   name = type(module).__name__
   x = jnp.zeros((2, *input_shape), jnp.float32)
+  shape = ", ".join(map(str, input_shape))
   try:
     variables = jax.eval_shape(module.init, jax.random.key(0), x)
-    out = jax.eval_shape(module.apply, variables, x)
+    state = tuple(sorted(set(variables) - {"params"}))
+    if state:  # training mode, its batch statistics into the mutable collections
+      out, _ = jax.eval_shape(
+        lambda v: module.apply(v, x, train=True, mutable=list(state)), variables
+      )
+    else:
+      out = jax.eval_shape(module.apply, variables, x)
   except CljaxError:
     raise
   except Exception as e:  # the module's own error, in one line
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    hint = ""
+    if isinstance(e, TypeError) and "train" in first:
+      hint = " (a module with state takes Flax's train keyword: __call__(self, x, train))"
     raise CljaxError(
-      f"{name} fails on inputs of shape (B, {', '.join(map(str, input_shape))}): "
-      f"{type(e).__name__}: {first}"
+      f"{name} fails on inputs of shape (B, {shape}): {type(e).__name__}: {first}{hint}"
     ) from None
-  extra = sorted(set(variables) - {"params"})
-  if extra:
-    raise CljaxError(
-      f"{name} holds state besides its parameters ({', '.join(extra)}): networks with mutable "
-      "collections (BatchNorm's batch_stats) do not run in the engine yet; use one without."
-    )
   if not hasattr(out, "shape") or tuple(out.shape) != (2, n_classes):
     got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
     raise CljaxError(
       f"{name} maps (B, {', '.join(map(str, input_shape))}) inputs to {got}, not (B, "
       f"{n_classes}) logits: give n_classes its number of outputs."
     )
-  net = Network(module, tuple(input_shape), n_classes)
+  net = Network(module, tuple(input_shape), n_classes, state=state)
+  if net.stateful:  # batch statistics mix the examples: neither the fold nor the factors hold
+    return net
   return net._replace(first_dense=_detect_first_dense(net), dense_only=_factorable(net))
 
 
@@ -242,7 +292,9 @@ class TaskNetwork(NamedTuple):
   """A run's network over its tasks (see the module docstring).
 
   init(key) -> params; apply(params, x (N, D + tagged)) -> (N, C) logits; tag(x (B, D), t) -> the
-  rows apply takes; network: the `Network` of one task (all tasks when shared); per_task, tagged.
+  rows apply takes; network: the `Network` of one task (all tasks when shared); per_task, tagged;
+  apply_train(params, state, x (N, D + tagged)) -> (logits, state): a stateful network's pass
+  that updates its running averages (`Network.apply_train`, with the heads).
   """
 
   init: Callable[[jax.Array], PyTree]
@@ -251,6 +303,7 @@ class TaskNetwork(NamedTuple):
   network: Network
   per_task: bool
   tagged: bool
+  apply_train: Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree]]
 
 
 def task_network(
@@ -263,9 +316,16 @@ def task_network(
   """The network over n_tasks tasks: per task (T copies), with a head per task (classes (T, C)).
 
   Raises:
-    CljaxError: the network's outputs are not the split's classes.
+    CljaxError: the network's outputs are not the split's classes, or per_task copies of a
+      stateful network.
   """
   tagged = per_task or classes is not None
+  if per_task and network.stateful:
+    raise CljaxError(
+      f"independent trains one {type(network.module).__name__} per task, and its state "
+      f"({', '.join(network.state)}) is not carried per task: use a network without, or another "
+      "variant."
+    )
   if classes is not None and classes.shape[1] != network.n_classes:
     raise CljaxError(
       f"the network has {network.n_classes} outputs but the split has {classes.shape[1]} classes."
@@ -292,7 +352,14 @@ def task_network(
       return x
     return jnp.concatenate([x, jnp.full((x.shape[0], 1), t, x.dtype)], axis=1)
 
-  return TaskNetwork(init_fn, apply, tag, network, per_task, tagged)
+  def apply_train(params, state, x):
+    if not tagged:
+      return network.apply_train(params, state, x)
+    t, x = x[:, -1].astype(jnp.int32), x[:, :-1]
+    logits, state = network.apply_train(params, state, x)
+    return jnp.where(classes[t], logits, -jnp.inf), state
+
+  return TaskNetwork(init_fn, apply, tag, network, per_task, tagged, apply_train)
 
 
 def check_fits(network: Network, *, dim: int, classes: jax.Array | None, n_labels: int) -> None:

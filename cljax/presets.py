@@ -63,6 +63,25 @@ PRESETS = {
     # 2019, "tiny episodic memories") replays as many memory examples as the batch holds.
     per_model={"agem": {"replay_batch_size": 256}, "er": {"replay_batch_size": 10}},
   ),
+  "gem_paper_cifar": Preset(
+    "the GEM paper's split CIFAR-100: 20 tasks x 5 classes on its reduced ResNet-18",
+    # GEM's run_experiments.sh for cifar100.pt: batch 10, lr 0.1, 256 memories per task, margin
+    # 0.5, all 2500 training examples of a task's 5 classes, one epoch.
+    {
+      "dataset": "cifar100",
+      "protocol": "split",
+      "classes_per_task": 5,
+      "n_tasks": 20,
+      "samples_per_task": 2500,
+      "batch_size": 10,
+      "lr": 0.1,
+      "n_memories": 256,
+      "memory_strength": 0.5,
+      "network": "resnet18",
+      "n_epochs": 1,
+    },
+    per_model={"agem": {"replay_batch_size": 256}, "er": {"replay_batch_size": 10}},
+  ),
 }
 
 

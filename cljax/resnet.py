@@ -11,18 +11,88 @@ convolutions have no bias; BatchNorm as PyTorch's (momentum 0.1, eps 1e-5): batc
 training (`train=True`, updating the running averages in the `batch_stats` collection), the
 running averages in evaluation. Inputs are flat (N, 3072) rows of 32 x 32 x 3 images in height,
 width, channel order (TFDS's; the GEM code's tensors are channel first), or (N, 32, 32, 3).
-Initialisation is Flax's (lecun normal), not PyTorch's.
+Initialisation is Flax's (lecun normal), not PyTorch's. The engine runs it as any stateful
+network (`cljax.networks.from_module`, its BatchNorm averages the run's state; `--network
+resnet18`).
 
-Not yet wired into the engine (`cljax.train`): its BatchNorm state is the next step.
+The convolutions' gradients are written out (`conv`): as autodiff emits them, the input and
+kernel gradients are convolutions in non-canonical layouts, which XLA:CPU canonicalises outside
+loops but runs through a naive loop nest inside a `lax.scan` body (18x slower here: jax issue
+12868). `conv`'s backward states them as canonical NHWC / HWIO convolutions; the same math.
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 IMAGE_SHAPE = (32, 32, 3)
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+  """Y = x * kernel: x (B, H, W, I), kernel (k, k, I, O), stride s, zero padding p on each side.
+
+  Returns (B, (H + 2p - k) // s + 1, ..., O). Its gradients, in canonical layouts:
+  dx = dilate_s(dy) * flip(kernel)' (in / out swapped, padding k - 1 - p), and
+  dkernel[a, b, i, o] = sum_{n,h,w} x_pad[n, s h + a, s w + b, i] dy[n, h, w, o], a convolution
+  of x (channels as its batch) with dy (the batch as its input features) dilated by s.
+  """
+  return lax.conv_general_dilated(
+    x, kernel, (stride, stride), ((pad, pad),) * 2, dimension_numbers=_DIMS
+  )
+
+
+def _conv_fwd(x, kernel, stride, pad):
+  return conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _conv_bwd(stride, pad, residuals, dy):
+  x, kernel = residuals
+  k, size = kernel.shape[0], x.shape[1]
+  unused = (size + 2 * pad - k) % stride  # input rows past the last window
+  lo, hi = k - 1 - pad, k - 1 - pad + unused
+  flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))  # (k, k, O, I)
+  dx = lax.conv_general_dilated(
+    dy, flipped, (1, 1), ((lo, hi),) * 2, lhs_dilation=(stride, stride), dimension_numbers=_DIMS
+  )
+  dkernel = lax.conv_general_dilated(
+    jnp.transpose(x, (3, 1, 2, 0)),  # (I, H, W, B)
+    jnp.transpose(dy, (1, 2, 0, 3)),  # (h, w, B, O)
+    (1, 1),
+    ((pad, pad - unused),) * 2,
+    rhs_dilation=(stride, stride),
+    dimension_numbers=_DIMS,
+  )  # (I, k, k, O)
+  return dx, jnp.transpose(dkernel, (1, 2, 0, 3))
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _flax_conv(lhs, rhs, window_strides, padding, *args, **kwargs):
+  """nn.Conv's convolution hook: `conv` for the square, symmetric case the ResNet uses."""
+  (s, s2), ((p, p1), (p2, p3)) = window_strides, padding
+  if s != s2 or not p == p1 == p2 == p3 or any(a not in (None, 1, (1, 1)) for a in args[:2]):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+  return conv(lhs, rhs, s, p)
+
+
+def _conv(features: int, k: int, stride: int, name: str) -> nn.Conv:
+  return nn.Conv(
+    features,
+    (k, k),
+    (stride, stride),
+    padding=((k // 2, k // 2),) * 2,
+    use_bias=False,
+    conv_general_dilated=_flax_conv,
+    name=name,
+  )
 
 
 def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
@@ -39,13 +109,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """(N, H, W, C) -> (N, H / stride, W / stride, planes)."""
-    conv = lambda k, s, name: nn.Conv(  # noqa: E731
-      self.planes, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name
-    )
-    out = nn.relu(_batch_norm(train, "bn1")(conv(3, self.stride, "conv1")(x)))
-    out = _batch_norm(train, "bn2")(conv(3, 1, "conv2")(out))
+    out = nn.relu(_batch_norm(train, "bn1")(_conv(self.planes, 3, self.stride, "conv1")(x)))
+    out = _batch_norm(train, "bn2")(_conv(self.planes, 3, 1, "conv2")(out))
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = _batch_norm(train, "shortcut_bn")(conv(1, self.stride, "shortcut_conv")(x))
+      x = _batch_norm(train, "shortcut_bn")(_conv(self.planes, 1, self.stride, "shortcut_conv")(x))
     return nn.relu(out + x)
 
 
@@ -59,7 +126,7 @@ class ResNet18(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """(N, 3072) or (N, 32, 32, 3) images -> (N, n_classes) logits."""
     x = x.reshape(x.shape[0], *IMAGE_SHAPE)
-    out = nn.Conv(self.nf, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv1")(x)
+    out = _conv(self.nf, 3, 1, "conv1")(x)
     out = nn.relu(_batch_norm(train, "bn1")(out))
     for stage, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2))):
       for block in range(2):

@@ -18,12 +18,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cljax import compile_cache, data, presets, tasks, train
+from cljax import compile_cache, data, networks, presets, resnet, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
+from cljax.networks import Network
 from cljax.rules import registry
 
 PROG = "cljax"
+NETWORKS = ("mlp", "resnet18")
 HELP_HINT = "see `python -m cljax --help`"
 
 # The seed's run settings that are not the engine's (its command line): the defaults. The rest
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     "dataset",
     default=d["dataset"],
     choices=data.DATASETS,
-    help="the images (or from --data_file)",
+    help="the images (or from --data_file); cifar10 and cifar100 (colour, through TFDS) run "
+    "--protocol split",
   )
   _add(
     own,
@@ -279,9 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     own,
     "classes_per_task",
     type=int,
-    default=2,
-    help="--protocol split: classes per task (consecutive labels); the task count defaults to "
-    "classes / classes_per_task, and a larger --n_tasks is refused",
+    default=None,
+    help="--protocol split: classes per task (default: the dataset's usual, 2; cifar100: 5, "
+    "GEM's 20 tasks); the task count defaults to classes / classes_per_task, and a larger "
+    "--n_tasks is refused",
+  )
+  _add(
+    own,
+    "class_order",
+    default="label",
+    choices=tasks.CLASS_ORDERS,
+    help="--protocol split: the tasks take the classes in label order, or in a random order "
+    "drawn from --seed",
+  )
+  _add(
+    own,
+    "network",
+    default=None,
+    choices=NETWORKS,
+    help="the network: GEM's MLP (--n_layers x --n_hiddens) or GEM's reduced ResNet-18 (32 x 32 "
+    "x 3 images; BatchNorm); default: the dataset's usual, mlp for the MNISTs, resnet18 for CIFAR",
   )
   _add(
     own,
@@ -407,8 +427,14 @@ def parse_args(
       f"{args.dataset} images itself (dataset {args.dataset}, protocol {args.protocol}"
       + (", from the file name)" if derived else ")")
     )
-  if "classes_per_task" in args.given and args.protocol != "split":
-    notes.append(f"--classes_per_task is read by --protocol split only, not {args.protocol}")
+  for flag in ("classes_per_task", "class_order"):
+    if flag in args.given and args.protocol != "split":
+      notes.append(f"--{flag} is read by --protocol split only, not {args.protocol}")
+  if len(data.SPECS[args.dataset].image_shape) == 3 and args.protocol != "split":
+    raise CljaxError(
+      f"{args.dataset} has colour images: it runs --protocol split, not {args.protocol} (a "
+      "pixel map would mix the channels)"
+    )
   unused = unused_flags(args)
   if unused:
     what = registry.describe(args.model, args.agem_ref)[1].replace("(agem_ref", "(--agem_ref")
@@ -467,13 +493,34 @@ def name_parts(args: argparse.Namespace) -> dict[str, Any]:
   return parts
 
 
-def train_config(args: argparse.Namespace) -> train.Config:
+def train_config(args: argparse.Namespace, network: Network | None = None) -> train.Config:
   """The engine's `Config` from parsed arguments (raises CljaxError on bad values).
 
-  memory_grads auto is resolved for the MLP (`train.resolve_config`): what results.json records.
+  memory_grads auto is resolved for the network (None: the MLP; `train.resolve_config`): what
+  results.json records.
   """
   fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
-  return train.resolve_config(train.Config(**fields, grouped=grouped_config(args)))
+  return train.resolve_config(train.Config(**fields, grouped=grouped_config(args)), network)
+
+
+def network_for(args: argparse.Namespace) -> Network | None:
+  """The run's network from --network (None: the config's MLP); args.network set to its name.
+
+  Raises:
+    CljaxError: resnet18 on images other than 32 x 32 x 3.
+  """
+  spec = data.SPECS[args.dataset]
+  args.network = args.network or spec.network
+  if args.network == "mlp":
+    return None
+  if spec.channels_last != resnet.IMAGE_SHAPE:
+    shape = " x ".join(map(str, spec.channels_last))
+    raise CljaxError(
+      f"resnet18 reads 32 x 32 x 3 colour images (cifar10, cifar100); {args.dataset}'s are "
+      f"{shape}: use --network mlp"
+    )
+  model = resnet.ResNet18(n_classes=spec.n_classes)  # GEM's 20 base filters
+  return networks.from_module(model, input_shape=spec.channels_last, n_classes=spec.n_classes)
 
 
 def has_idx_files(directory: str) -> bool:
@@ -521,6 +568,7 @@ def load_streams(args: argparse.Namespace, data_path: str | None, seeds: Sequenc
         test_samples=args.test_samples,
         seed=seed,
         classes_per_task=args.classes_per_task,
+        class_order=args.class_order,
       )
       for seed in seeds
     ]

@@ -46,6 +46,11 @@ def _check_shared(streams: Sequence[TaskStream]) -> None:
           "and samples_per_task in every run."
         )
     elif not all(np.array_equal(getattr(s, name), getattr(first, name)) for s in streams[1:]):
+      if name == "classes":
+        raise CljaxError(
+          "streams differ in their split's classes (a random class order per seed): a sweep "
+          "shares one split; use class_order label, or run the seeds one by one."
+        )
       raise CljaxError(
         f"streams differ in {name}: a sweep shares the images, so build every stream from the "
         "same dataset (and without a per-seed test_samples subset)."

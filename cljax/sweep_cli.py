@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("devices", "workers"):
       if getattr(args, name) is not None and getattr(args, name) < 1:
         raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    config = setup.train_config(args)
+    network = setup.network_for(args)
+    config = setup.train_config(args, network)
     settings = [
       sweep_folder.Setting(lr, ms)
       for lr, ms in itertools.product(
@@ -233,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   if args.strategy != "processes" and n_devices > 1 and jax.default_backend() == "cpu":
     try:  # make_sweep's check, before any data is loaded
-      make_sweep(config, strategy=args.strategy, devices=jax.devices()[:n_devices])
+      make_sweep(config, strategy=args.strategy, devices=jax.devices()[:n_devices], network=network)
     except CljaxError as e:
       setup.error(e)
       return 2
@@ -273,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if to_run and args.strategy == "processes":
     status = _run_processes(args, to_run, folder, fp, cache.dir)
   elif to_run:
-    status = _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory)
+    status = _run_one_call(args, config, network, to_run, stream_of, folder, fp, source, directory)
   plots = not args.no_plots and run_folder.plotting_available()
   rows, _ = sweep_folder.write_summary(folder, fp, title=_title(args), plots=plots)
   print(sweep_folder.summary_markdown(rows, _title(args)))
@@ -311,11 +312,12 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages, cache_dir) -> None:
   try:
     compile_cache.enable(cache_dir)  # the parent has checked the folder and warned
     args, _ = setup.parse_args(parser_argv, build_parser())
-    config = setup.train_config(args)
+    network = setup.network_for(args)
+    config = setup.train_config(args, network)
     data_path, _ = setup.data_path_for(args)
     streams, source, directory, _ = setup.load_streams(args, data_path, seeds)
     stream_of = dict(zip(seeds, streams, strict=True))
-    run = jax.jit(train.make_train(config))
+    run = jax.jit(train.make_train(config, network=network))
     started = time.perf_counter()
     while os.getppid() == parent and (job := jobs.get()) is not None:
       setting, seed = job
@@ -388,7 +390,7 @@ def _run_processes(args, to_run, folder, fp, cache_dir) -> int:
   return 0
 
 
-def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory) -> int:
+def _run_one_call(args, config, network, to_run, stream_of, folder, fp, source, directory) -> int:
   """Runs the missing pairs in one compiled call across the devices, recording each as it ends."""
   devices = jax.devices()
   devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
@@ -420,7 +422,9 @@ def _run_one_call(args, config, to_run, stream_of, folder, fp, source, directory
   )
   stacked = stack_streams([stream_of[seed] for seed in seeds])
   t0 = time.perf_counter()
-  sweep = make_sweep(config, strategy=args.strategy, devices=devices, on_run=on_run)
+  sweep = make_sweep(
+    config, strategy=args.strategy, devices=devices, on_run=on_run, network=network
+  )
   try:
     compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()
   except CljaxError as e:

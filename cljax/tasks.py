@@ -20,6 +20,7 @@ from cljax.errors import CljaxError
 
 PROTOCOLS = ("permutations", "rotations", "split")
 INTERPOLATIONS = ("bilinear", "nearest")
+CLASS_ORDERS = ("label", "random")
 
 # Independent RNG streams spawned from the seed, so that e.g. changing samples_per_task does not
 # change the task transforms.
@@ -32,11 +33,13 @@ class TaskStream(NamedTuple):
   """All the data of a continual-learning run, as a pytree of arrays.
 
   Task t's examples are the shared base images seen through task t's linear pixel map: output
-  pixel i of task t is sum_k pix_w[t, i, k] * x[pix_idx[t, i, k]] / 255. Only the index and
-  weight arrays grow with the number of tasks T; the images are stored once.
+  pixel i of task t is sum_k pix_w[t, i, k] * x[pix_idx[t, i, k]] / 255 (or normalised by
+  `norm`). Only the index and weight arrays grow with the number of tasks T; the images are
+  stored once.
 
   Attributes:
-    train_x: (N_train, D) uint8 base training images, D = H * W (784), shared by all tasks.
+    train_x: (N_train, D) uint8 base training images, flat: D = H * W (784) grey, H * W * C
+      (3072: height, width, channel order) colour; shared by all tasks.
     train_y: (N_train,) int32 labels.
     test_x: (S_test, D) uint8 base test images: every task's test set is all of them, seen
       through that task's pixel map (the whole test split, or the test_samples subset).
@@ -47,7 +50,11 @@ class TaskStream(NamedTuple):
       K = 4 bilinear or K = 1 nearest for rotations).
     classes: (T, C) bool, task t's classes, for a task-incremental stream ("split"): task t
       trains on and is evaluated on its classes' examples only, its logits restricted to them
-      (multi-head). None (every task has every class, one head) for permutations and rotations.
+      (multi-head); its pixel maps are the identity. None (every task has every class, one head)
+      for permutations and rotations.
+    norm: (2, D) float32 (scale, shift): pixel i of a mapped image is its value times scale[i]
+      plus shift[i], the dataset's per-channel (x / 255 - mean) / std; None: x / 255
+      (`data.Spec`).
   """
 
   train_x: jax.Array
@@ -58,6 +65,7 @@ class TaskStream(NamedTuple):
   pix_idx: jax.Array
   pix_w: jax.Array
   classes: jax.Array | None = None
+  norm: jax.Array | None = None
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -205,10 +213,10 @@ def _clamp(requested: int, available: int, what: str) -> int:
 
 def _flat_images(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
   images, labels = np.asarray(images), np.asarray(labels)
-  if images.ndim != 3 or images.dtype != np.uint8:
+  if images.ndim not in (3, 4) or images.dtype != np.uint8:
     raise CljaxError(
-      f"dataset {what} images must be (N, H, W) uint8, got {images.shape} {images.dtype}; "
-      "load them with cljax.data.load_dataset"
+      f"dataset {what} images must be (N, H, W) or (N, H, W, C) uint8, got {images.shape} "
+      f"{images.dtype}; load them with cljax.data.load_dataset"
     )
   if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
     raise CljaxError(
@@ -231,7 +239,8 @@ def make_stream(
   min_rot: float = 0.0,
   max_rot: float = 180.0,
   interpolation: str = "bilinear",
-  classes_per_task: int = 2,
+  classes_per_task: int | None = None,
+  class_order: str = "label",
 ) -> TaskStream:
   """Builds GEM's task stream over a dataset, without copying images per task.
 
@@ -239,8 +248,13 @@ def make_stream(
   row t; ("rotations", GEM's mnist_rotations): task t rotates by `rotation_angles` entry t.
 
   ("split", task-incremental): task t holds classes [t c, (t + 1) c), c = classes_per_task, in
-  label order (as GEM's split CIFAR-100), seen as they are (identity pixel maps); the stream's
-  `classes` marks them. n_tasks None (or for split at most C / c) takes all C / c tasks.
+  label order (as GEM's split CIFAR-100), or of a seeded random order of the classes
+  (class_order "random"), seen as they are (identity pixel maps); the stream's `classes` marks
+  them. n_tasks None (or for split at most C / c) takes all C / c tasks. Colour images (CIFAR)
+  run split only: a pixel map would mix their channels.
+
+  Pixels are scaled as the dataset's `Spec` says (`norm`): x / 255, or per channel
+  (x / 255 - mean) / std.
 
   Training examples (GEM's Continuum): per task, a random subset of `samples_per_task` training
   indices drawn without replacement, in random order (split: among the task's classes' examples).
@@ -256,7 +270,7 @@ def make_stream(
   and the test subset. The same arguments give an identical stream.
 
   Args:
-    dataset: a `cljax.data.Dataset` (images (N, H, W) uint8).
+    dataset: a `cljax.data.Dataset` (images (N, H, W) or (N, H, W, C) uint8).
     protocol: one of `PROTOCOLS`.
     n_tasks: T >= 1 (None: split only, all of its C / classes_per_task tasks).
     samples_per_task: S >= 1 training examples per task.
@@ -265,7 +279,10 @@ def make_stream(
     min_rot: rotations only: the lower end of the angle range, in degrees.
     max_rot: rotations only: the upper end of the angle range, in degrees.
     interpolation: rotations only: "bilinear" (K = 4) or "nearest" (K = 1).
-    classes_per_task: split only: c >= 1 classes per task.
+    classes_per_task: split only: c >= 1 classes per task (None: the dataset's usual, e.g. 2 for
+      the MNISTs and CIFAR-10, 5 for CIFAR-100).
+    class_order: split only: "label" (classes in label order) or "random" (a permutation of the
+      classes drawn from the seed).
 
   Returns:
     The TaskStream, as jax arrays.
@@ -278,6 +295,10 @@ def make_stream(
   if interpolation not in INTERPOLATIONS:
     raise CljaxError(
       f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}"
+    )
+  if class_order not in CLASS_ORDERS:
+    raise CljaxError(
+      f"unknown class_order {class_order!r}: choose one of {', '.join(CLASS_ORDERS)}"
     )
   if n_tasks is None and protocol != "split":
     raise CljaxError(f"n_tasks is needed for protocol {protocol}.")
@@ -294,12 +315,19 @@ def make_stream(
     raise CljaxError(
       f"train images are {image_shape} but test images are {dataset.test.images.shape[1:]}"
     )
+  if len(image_shape) == 3 and protocol != "split":
+    raise CljaxError(
+      f"{dataset.name} has colour images {image_shape}: it runs --protocol split, not "
+      f"{protocol} (a pixel map would mix the channels)"
+    )
   n_pixels = train_x.shape[1]
+  spec = dataset.spec
 
   classes = None
   if protocol == "split":
-    c = _check_int(classes_per_task, "classes_per_task", minimum=1)
-    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    c = spec.classes_per_task if classes_per_task is None else classes_per_task
+    c = _check_int(c, "classes_per_task", minimum=1)
+    n_classes = max(spec.n_classes, int(max(train_y.max(), test_y.max())) + 1)
     most = n_classes // c
     if most < 1:
       raise CljaxError(f"classes_per_task {c} exceeds the dataset's {n_classes} classes.")
@@ -309,7 +337,12 @@ def make_stream(
         f"n_tasks {n_tasks}: lower n_tasks or classes_per_task."
       )
     n_tasks = most if n_tasks is None else n_tasks
-    classes = np.arange(n_classes)[None, :] // c == np.arange(n_tasks)[:, None]  # (T, C)
+    order = np.arange(n_classes)
+    if class_order == "random":
+      order = _rng(seed, _RNG_TRANSFORMS).permutation(n_classes)
+    position = np.empty(n_classes, np.int64)
+    position[order] = np.arange(n_classes)  # class k is the position[k]-th of the order
+    classes = position[None, :] // c == np.arange(n_tasks)[:, None]  # (T, C)
     maps = [permutation_transform(np.arange(n_pixels))] * n_tasks
   elif protocol == "permutations":
     maps = [permutation_transform(p) for p in task_permutations(n_tasks, n_pixels, seed=seed)]
@@ -344,23 +377,35 @@ def make_stream(
     pix_idx=jnp.asarray(pix_idx, dtype=jnp.int32),
     pix_w=jnp.asarray(pix_w, dtype=jnp.float32),
     classes=None if classes is None else jnp.asarray(classes),
+    norm=None if spec.mean is None else jnp.asarray(_normalisation(spec, image_shape)),
   )
 
 
-def apply_transform(x: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array) -> jax.Array:
+def _normalisation(spec, image_shape: tuple[int, ...]) -> np.ndarray:
+  """(2, H W C) float32 (scale, shift) per flat pixel: x / 255 -> (x / 255 - mean_c) / std_c."""
+  mean, std = np.asarray(spec.mean, np.float64), np.asarray(spec.std, np.float64)
+  channel = np.arange(math.prod(image_shape)) % image_shape[-1]  # height, width, channel order
+  return np.stack([1.0 / (255.0 * std[channel]), -mean[channel] / std[channel]]).astype(np.float32)
+
+
+def apply_transform(
+  x: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array, norm: jax.Array | None = None
+) -> jax.Array:
   """Applies one task's pixel map to flat uint8 images.
 
   out[..., i] = (sum_k pix_w_t[i, k] * x[..., pix_idx_t[i, k]]) * PIXEL_SCALE, PIXEL_SCALE =
-  float32(1 / 255). Pure jnp: works under jit and vmap. A map with K = 1 and unit weights (a
-  permutation) gives exactly float32(x[..., pix_idx_t[:, 0]]) * PIXEL_SCALE.
+  float32(1 / 255); with norm (`TaskStream.norm`), (...) * norm[0, i] + norm[1, i] instead. Pure
+  jnp: works under jit and vmap. A map with K = 1 and unit weights (a permutation) gives exactly
+  float32(x[..., pix_idx_t[:, 0]]) * PIXEL_SCALE.
 
   Args:
     x: (..., D) uint8 images.
     pix_idx_t: (D', K) int32 input-pixel indices.
     pix_w_t: (D', K) float32 weights.
+    norm: (2, D') float32 scale and shift, or None (1 / 255).
 
   Returns:
-    (..., D') float32 images in [0, 1].
+    (..., D') float32 images (in [0, 1] without norm).
   """
   if pix_idx_t.ndim != 2 or pix_w_t.shape != pix_idx_t.shape:
     raise CljaxError(
@@ -371,7 +416,13 @@ def apply_transform(x: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array) -> j
   for k in range(pix_idx_t.shape[1]):
     term = jnp.take(x, pix_idx_t[:, k], axis=-1, mode="clip").astype(jnp.float32) * pix_w_t[:, k]
     out = term if out is None else out + term
-  return out * PIXEL_SCALE
+  return scale_pixels(out, norm)
+
+
+def scale_pixels(x: jax.Array, norm: jax.Array | None = None) -> jax.Array:
+  """(..., D) pixel values in [0, 255] -> float32 x / 255, or x * norm[0] + norm[1] (per pixel)."""
+  x = x.astype(jnp.float32)
+  return x * PIXEL_SCALE if norm is None else x * norm[0] + norm[1]
 
 
 def fold_pixel_map(kernel: jax.Array, pix_idx_t: jax.Array, pix_w_t: jax.Array) -> jax.Array:
@@ -410,24 +461,56 @@ def steps_per_task(stream: TaskStream, batch_size: int) -> int:
   return stream.train_idx.shape[1] // _check_batch_size(stream, batch_size)
 
 
-def train_batch(
-  stream: TaskStream, t: int | jax.Array, step: int | jax.Array, batch_size: int
-) -> tuple[jax.Array, jax.Array]:
-  """Task t's training examples [step * B, (step + 1) * B), transformed.
+def batch_rows(
+  stream: TaskStream,
+  t: int | jax.Array,
+  step: int | jax.Array,
+  batch_size: int,
+  *,
+  shuffle_key: jax.Array | None = None,
+) -> jax.Array:
+  """(B,) the training-set rows of task t's batch `step`.
 
-  t and step may be traced (dynamic slicing); batch_size B is static. As with
-  `lax.dynamic_slice`, a window past the end is shifted back to the last full batch, so keep
-  step < steps_per_task(stream, B).
-
-  Returns:
-    x (B, D) float32 in [0, 1] and y (B,) int32.
+  Without shuffle_key: rows [step * B, (step + 1) * B) of the task's samples (one epoch). With
+  it, step counts over epochs of steps_per_task(stream, B) batches each: epoch e = step //
+  steps_per_task reads the samples in the stream's order (e = 0) or in the order of
+  jax.random.permutation(fold_in(fold_in(shuffle_key, t), e), S) (e > 0: reshuffled per epoch,
+  as GEM's --n_epochs). t and step may be traced; a window past the end is shifted back to the
+  last full batch (`lax.dynamic_slice`).
   """
   batch_size = _check_batch_size(stream, batch_size)
   rows = lax.dynamic_index_in_dim(stream.train_idx, t, axis=0, keepdims=False)
-  idx = lax.dynamic_slice_in_dim(rows, step * batch_size, batch_size)
+  if shuffle_key is not None:
+    per_epoch = rows.shape[0] // batch_size
+    epoch, step = step // per_epoch, step % per_epoch
+    order = jax.random.permutation(
+      jax.random.fold_in(jax.random.fold_in(shuffle_key, t), epoch), rows.shape[0]
+    )
+    rows = jnp.where(epoch > 0, rows[order], rows)
+  return lax.dynamic_slice_in_dim(rows, step * batch_size, batch_size)
+
+
+def train_batch(
+  stream: TaskStream,
+  t: int | jax.Array,
+  step: int | jax.Array,
+  batch_size: int,
+  *,
+  shuffle_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Task t's training batch `step` (`batch_rows`), transformed.
+
+  t and step may be traced (dynamic slicing); batch_size B is static. As with
+  `lax.dynamic_slice`, a window past the end is shifted back to the last full batch, so keep
+  step < steps_per_task(stream, B) (times the epochs with shuffle_key).
+
+  Returns:
+    x (B, D) float32 in [0, 1] (or normalised: `TaskStream.norm`) and y (B,) int32.
+  """
+  idx = batch_rows(stream, t, step, batch_size, shuffle_key=shuffle_key)
   pix_idx = lax.dynamic_index_in_dim(stream.pix_idx, t, axis=0, keepdims=False)
   pix_w = lax.dynamic_index_in_dim(stream.pix_w, t, axis=0, keepdims=False)
-  x = apply_transform(jnp.take(stream.train_x, idx, axis=0), pix_idx, pix_w)
+  x = apply_transform(jnp.take(stream.train_x, idx, axis=0), pix_idx, pix_w, stream.norm)
   return x, jnp.take(stream.train_y, idx, axis=0)
 
 
@@ -442,7 +525,7 @@ def eval_set(stream: TaskStream, t: int | jax.Array) -> tuple[jax.Array, jax.Arr
   """
   pix_idx = lax.dynamic_index_in_dim(stream.pix_idx, t, axis=0, keepdims=False)
   pix_w = lax.dynamic_index_in_dim(stream.pix_w, t, axis=0, keepdims=False)
-  return apply_transform(stream.test_x, pix_idx, pix_w), stream.test_y
+  return apply_transform(stream.test_x, pix_idx, pix_w, stream.norm), stream.test_y
 
 
 def stream_nbytes(stream: TaskStream) -> int:

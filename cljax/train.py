@@ -78,6 +78,9 @@ class Config:
   Attributes:
     variant: one of VARIANTS, the built-in rule (`cljax.rules.registry`).
     batch_size: examples per step (GEM: 1).
+    n_epochs: passes over each task's samples (GEM's --n_epochs; 1); epochs after the first
+      reshuffle them (`tasks.batch_rows`). Evaluation points stay every log_every steps of a
+      task (its epochs together) and its end.
     lr: SGD learning rate (default for `HParams.lr`).
     n_memories: episodic-memory slots per task.
     memory_strength: GEM's margin, v >= memory_strength in the dual QP; EWC's penalty strength
@@ -122,6 +125,9 @@ class Config:
 
   variant: str = _flag("agem_new", "the rule", flag="model", gem=True)
   batch_size: int = _flag(1, "examples per SGD step", gem=True)
+  n_epochs: int = _flag(
+    1, "passes over each task's samples, reshuffled after the first (GEM's)", gem=True
+  )
   lr: float = _flag(0.01, "SGD learning rate", gem=True)
   n_memories: int = _flag(10, "memory slots per task", gem=True)
   memory_strength: float = _flag(
@@ -218,7 +224,7 @@ class Config:
         raise CljaxError(
           f"{name} must be a finite number {'>' if strict else '>='} 0, got {value}."
         )
-    for name in ("batch_size", "eval_batch_size", "qp_max_iter"):
+    for name in ("batch_size", "n_epochs", "eval_batch_size", "qp_max_iter"):
       if getattr(self, name) < 1:
         raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
     if not isinstance(self.grouped, GroupedConfig):
@@ -257,6 +263,7 @@ class TrainState(NamedTuple):
   step: jax.Array  # () int32 global step count (all tasks)
   diverged: jax.Array  # () bool: parameters went non-finite; later steps are skipped
   rule_state: Any = None  # the rule's state (grouped variants: `cljax.grouped.state.GroupedState`)
+  model_state: Any = None  # a stateful network's (BatchNorm's running averages), else None
 
 
 class StepStats(NamedTuple):
@@ -297,6 +304,8 @@ class RunResult(NamedTuple):
   h: the rule's `summary` of its state at the end of each task t, stacked (None without one).
     Grouped variants: (T, T, L, G) the multipliers h in use (row k for past tasks k < t, zero
     elsewhere; `cljax.grouped.state`).
+  model_state: a stateful network's final state (BatchNorm's running averages, what
+    `make_evaluate`'s evaluate reads); None otherwise.
   """
 
   acc: jax.Array
@@ -307,6 +316,7 @@ class RunResult(NamedTuple):
   finite: jax.Array
   params: Any
   h: Any = None
+  model_state: Any = None
 
 
 def default_hparams(config: Config) -> HParams:
@@ -319,7 +329,8 @@ def default_hparams(config: Config) -> HParams:
 def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
   """(steps per task, steps per evaluation chunk, chunks per task) for this stream.
 
-  Steps per task = samples_per_task // batch_size (a last partial batch is dropped). All tasks are
+  Steps per task = n_epochs x (samples_per_task // batch_size) (a last partial batch is dropped;
+  each epoch after the first reshuffles the task's samples, `tasks.batch_rows`). All tasks are
   evaluated before training and after every chunk of log_every steps of a task, the last chunk
   ending the task: when log_every divides the steps per task these are exactly GEM's evaluation
   points (`i % log_every == 0` and the end). A last, shorter chunk is padded with skipped steps.
@@ -329,7 +340,7 @@ def schedule(config: Config, stream: tasks.TaskStream) -> tuple[int, int, int]:
     raise CljaxError(
       f"batch_size {config.batch_size} is larger than samples_per_task {samples}: lower batch_size."
     )
-  steps = samples // config.batch_size
+  steps = config.n_epochs * (samples // config.batch_size)
   chunk = steps if config.log_every == 0 else min(config.log_every, steps)
   return steps, chunk, math.ceil(steps / chunk)
 
@@ -341,14 +352,21 @@ def resolve_config(config: Config, network: Network | None = None) -> Config:
   else "explicit"; what a run records (`results.json`'s train_config).
 
   Raises:
-    CljaxError: memory_grads "factored" for a network it cannot take, or a grouped variant on
-      a network other than cljax's MLP (it groups the MLP's hidden units). One line each.
+    CljaxError: memory_grads "factored" for a network it cannot take, a grouped variant on a
+      network other than cljax's MLP (it groups the MLP's hidden units), or independent's
+      per-task copies of a stateful network. One line each.
   """
   if network is not None and not network.mlp and config.variant in GROUPED_VARIANTS:
     raise CljaxError(
       f"{config.variant} groups the hidden Dense units of cljax's MLP, which a "
       f"{type(network.module).__name__} does not have: use another variant, or the MLP "
       "(network None)."
+    )
+  if network is not None and network.stateful and registry.per_task_networks(config.variant):
+    raise CljaxError(
+      f"{config.variant} trains one {type(network.module).__name__} per task, and its state "
+      f"({', '.join(network.state)}) is not carried per task: use a network without, or another "
+      "variant."
     )
   dense = network is None or network.dense_only
   if config.memory_grads == "factored" and not dense:
@@ -361,16 +379,16 @@ def resolve_config(config: Config, network: Network | None = None) -> Config:
   return dataclasses.replace(config, memory_grads="factored" if dense else "explicit")
 
 
-def make_evaluate(
-  config: Config, network: Network | None = None
-) -> Callable[[Any, tasks.TaskStream], jax.Array]:
-  """Return evaluate(params, stream) -> (T,) test accuracy on every task (pure; the caller jits).
+def make_evaluate(config: Config, network: Network | None = None) -> Callable[..., jax.Array]:
+  """Return evaluate(params, stream, model_state=None) -> (T,) test accuracy on every task.
 
-  network: the run's `Network` (None: the config's MLP).
+  network: the run's `Network` (None: the config's MLP); model_state: a stateful network's
+  (its running averages, read in evaluation mode; None: their initial values). Pure; the caller
+  jits.
   """
   per_task = registry.per_task_networks(config.variant)
 
-  def evaluate(params, stream: tasks.TaskStream) -> jax.Array:
+  def evaluate(params, stream: tasks.TaskStream, model_state: Any = None) -> jax.Array:
     """(T,) test accuracy on every task, in batches of eval_batch_size test examples.
 
     With a first Dense layer on the flat image (`Network.first_dense`, the MLP's hidden_0): each
@@ -384,10 +402,12 @@ def make_evaluate(
     """
     T, n_test = stream.pix_idx.shape[0], stream.test_x.shape[0]
     net = network_of(config, T, stream.test_x.shape[1], stream.classes, network).network
+    if net.stateful and model_state is None:
+      model_state = net.init_state()
     bs = min(config.eval_batch_size, n_test)
     n_batches = math.ceil(n_test / bs)
     pad = n_batches * bs - n_test
-    path = net.first_dense
+    path = net.first_dense if stream.norm is None else None  # the fold reads x / 255
     if path is not None:
       kernels = jax.vmap(tasks.fold_pixel_map, in_axes=(0 if per_task else None, 0, 0))(
         get_path(params, path)["kernel"], stream.pix_idx, stream.pix_w
@@ -405,11 +425,11 @@ def make_evaluate(
 
     def mapped_logits(x):  # (T, bs, classes): task t's images through its map, task by task
       if stream.classes is not None and not per_task:
-        return net.apply(params, x.astype(jnp.float32) * tasks.PIXEL_SCALE)[None]
+        return net.apply_eval(params, model_state, tasks.scale_pixels(x, stream.norm))[None]
 
       def task_logits(t):
-        x_t = tasks.apply_transform(x, stream.pix_idx[t], stream.pix_w[t])
-        return net.apply(task_params(params, t) if per_task else params, x_t)
+        x_t = tasks.apply_transform(x, stream.pix_idx[t], stream.pix_w[t], stream.norm)
+        return net.apply_eval(task_params(params, t) if per_task else params, model_state, x_t)
 
       return jax.lax.map(task_logits, jnp.arange(T))
 
@@ -473,20 +493,42 @@ def make_train(
     def batch_loss(params, x, y):
       return mean_loss(apply, params, x, y)
 
+    def stateful_loss(params, model_state, x, y):  # the batch's pass updates the averages
+      logits, model_state = net.apply_train(params, model_state, x)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), model_state
+
+    def memory_passes(params, model_state, memory, t):
+      """Each past task's memory through the network in training mode, as GEM's observe."""
+
+      def one(k, model_state):
+        return net.apply_train(params, model_state, memory.x[k])[1]
+
+      return jax.lax.fori_loop(0, t, one, model_state)
+
     opt = optax.sgd(hp.lr)
     memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(net.tagged))
     zero = jnp.zeros((), jnp.int32)
+    model_state = net.network.init_state() if net.network.stateful else None
     state = TrainState(
-      params, opt.init(params), memory, zero, jnp.zeros((), bool), rule.init(params, T)
+      params, opt.init(params), memory, zero, jnp.zeros((), bool), rule.init(params, T), model_state
     )
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-      x, y = tasks.train_batch(stream, t, j, config.batch_size)
+      epochs = jax.random.fold_in(step_key, _EPOCH_KEY) if config.n_epochs > 1 else None
+      x, y = tasks.train_batch(stream, t, j, config.batch_size, shuffle_key=epochs)
       x = net.tag(x, t)  # with its task as a last column when the network needs it
       memory = state.memory
       if rule.uses_memory and rule.memory_writes == "ring":  # before the step, as GEM's observe
         memory = write_memory(memory, t, x, y)
-      loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
+      model_state = state.model_state
+      if net.network.stateful:
+        if rule.uses_memory:
+          model_state = memory_passes(state.params, model_state, memory, t)
+        (loss, model_state), g = jax.value_and_grad(stateful_loss, has_aux=True)(
+          state.params, model_state, x, y
+        )
+      else:
+        loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
       ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
       g, stats, rule_state = rule.update(g, ctx, state.rule_state)
@@ -495,7 +537,13 @@ def make_train(
       updates, opt_state = opt.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new = TrainState(
-        params, opt_state, memory, state.step + 1, ~_tree_all_finite(params), rule_state
+        params,
+        opt_state,
+        memory,
+        state.step + 1,
+        ~_tree_all_finite(params),
+        rule_state,
+        model_state,
       )
       return new, StepStats(jnp.ones((), bool), loss, *stats)
 
@@ -512,7 +560,7 @@ def make_train(
       t, c = xs
       js = c * chunk + jnp.arange(chunk)
       state, stats = jax.lax.scan(step, state, (jnp.full((chunk,), t), js))
-      return state, (evaluate(state.params, stream), state.step, stats)
+      return state, (evaluate(state.params, stream, state.model_state), state.step, stats)
 
     def task(state: TrainState, t):
       if net.per_task and config.finetune == "yes":
@@ -530,9 +578,19 @@ def make_train(
         jax.debug.callback(progress, t, curve[-1])
       return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params), summary)
 
-    baseline = evaluate(state.params, stream)
+    baseline = evaluate(state.params, stream, state.model_state)
     state, (curve, curve_step, counters, finite, h) = jax.lax.scan(task, state, jnp.arange(T))
-    return RunResult(curve[:, -1], baseline, curve, curve_step, counters, finite, state.params, h)
+    return RunResult(
+      curve[:, -1],
+      baseline,
+      curve,
+      curve_step,
+      counters,
+      finite,
+      state.params,
+      h,
+      state.model_state,
+    )
 
   return train
 
@@ -566,6 +624,7 @@ def network_of(
       n_tasks=n_tasks,
       per_task=per_task,
       n_inputs=dim,
+      n_classes=data.NUM_CLASSES if classes is None else int(classes.shape[1]),
     )
   check_fits(network, dim=dim, classes=classes, n_labels=data.NUM_CLASSES)
   return task_network(network, n_tasks=n_tasks, per_task=per_task, classes=classes)
@@ -573,6 +632,7 @@ def network_of(
 
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
 _RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot draws
+_EPOCH_KEY = 0x7FFFFFFD  # folded into the step key for the epochs' reshuffles
 
 
 _STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)

@@ -183,12 +183,14 @@ def test_load_idx_dir_corrupt_member(idx_dir):
 def test_unknown_dataset_and_source(idx_dir):
   path, _ = idx_dir
   for call in (
-    lambda: data.load_dataset("cifar10", data_path=path),
-    lambda: data.load_idx_dir(path, "cifar10"),
-    lambda: data.load_tfds("cifar10"),
+    lambda: data.load_dataset("svhn", data_path=path),
+    lambda: data.load_idx_dir(path, "svhn"),
+    lambda: data.load_tfds("svhn"),
   ):
-    with pytest.raises(CljaxError, match="unknown dataset 'cifar10': choose one of fashion_mnist"):
+    with pytest.raises(CljaxError, match="unknown dataset 'svhn': choose one of fashion_mnist"):
       call()
+  with pytest.raises(CljaxError, match="cifar10 has no IDX files: load it with load_tfds"):
+    data.load_idx_dir(path, "cifar10")
   with pytest.raises(CljaxError, match="unknown data source 'web': choose one of auto, idx, tfds"):
     data.load_dataset(data_path=path, source="web")
 
@@ -263,9 +265,10 @@ def test_load_tfds_mock(name):
     ds = data.load_tfds(name)
   assert ds.name == name
   for split in (ds.train, ds.test):
-    assert split.images.shape == (7, 28, 28) and split.images.dtype == np.uint8
+    spec = data.SPECS[name]
+    assert split.images.shape == (7, *spec.image_shape) and split.images.dtype == np.uint8
     assert split.labels.shape == (7,) and split.labels.dtype == np.int32
-    assert split.labels.min() >= 0 and split.labels.max() < 10
+    assert split.labels.min() >= 0 and split.labels.max() < spec.n_classes
   assert ds.train.images.std() > 0  # real pixel content came through
 
 
@@ -292,6 +295,7 @@ def test_load_tfds_failure_is_one_error(monkeypatch):
     raise ConnectionError("network unreachable\nsecond line")
 
   monkeypatch.setattr(tfds, "data_source", fail)
+  monkeypatch.setattr(data, "_check_obtainable", lambda *args: None)  # the reading fails here
   with pytest.raises(CljaxError, match=r"could not provide split 'train'.*network unreachable;"):
     data.load_tfds("mnist")
 
@@ -304,6 +308,7 @@ def test_load_tfds_tfrecord_fallback(monkeypatch):
     raise NotImplementedError("Random access data source for file format TFRECORD")
 
   monkeypatch.setattr(tfds, "data_source", tfrecord_only)
+  monkeypatch.setattr(data, "_check_obtainable", lambda *args: None)  # prepared as TFRecord
   monkeypatch.setattr(data, "_tensorflow_importable", lambda: False)
   with pytest.raises(CljaxError, match="TFRecord format, which needs TensorFlow"):
     data.load_tfds("mnist")

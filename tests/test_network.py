@@ -43,6 +43,8 @@ class Skip(nn.Module):
 
 
 class WithBatchNorm(nn.Module):
+  """State (BatchNorm's averages) but no train keyword to switch it."""
+
   @nn.compact
   def __call__(self, x):
     return nn.Dense(10)(nn.BatchNorm(use_running_average=True)(x.reshape(x.shape[0], -1)))
@@ -213,7 +215,7 @@ def one_line(info):
   [
     (SmallCNN(), GREY, 7, r"maps \(B, 28, 28, 1\) inputs to \(2, 10\), not \(B, 7\) logits"),
     (SmallCNN(), (784,), 10, "SmallCNN fails on inputs of shape"),
-    (WithBatchNorm(), GREY, 10, r"holds state besides its parameters \(batch_stats\)"),
+    (WithBatchNorm(), GREY, 10, r"\(a module with state takes Flax's train keyword"),
     (lambda x: x, GREY, 10, "network must be a flax.linen.Module, got function"),
     (SmallCNN(), (28, 28.0), 10, "input_shape must be a tuple of positive ints"),
   ],

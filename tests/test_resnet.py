@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import numerics
 import numpy as np
+import pytest
+from jax import lax
 
+from cljax import resnet
 from cljax.models import param_count
 from cljax.resnet import ResNet18
 
@@ -94,3 +97,33 @@ def test_evaluation_scores_each_example_on_its_own():
   trained_alone, _ = apply(variables, x[:2], True)
   trained_together, _ = apply(variables, x, True)
   assert not np.allclose(trained_alone[0], trained_together[0], atol=1e-3)  # batch statistics
+
+
+@pytest.mark.parametrize("size,k,stride", [(8, 3, 1), (8, 3, 2), (7, 3, 2), (8, 1, 2), (7, 1, 1)])
+def test_conv_gradients_equal_autodiffs(size, k, stride):
+  keys = jax.random.split(jax.random.key(size * 10 + k + stride), 3)
+  x = jax.random.normal(keys[0], (2, size, size, 3))
+  kernel = jax.random.normal(keys[1], (k, k, 3, 4))
+  pad = k // 2
+
+  def plain(x, kernel):
+    dims = ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(
+      x, kernel, (stride,) * 2, ((pad, pad),) * 2, dimension_numbers=dims
+    )
+
+  def vjp(f, x, kernel, dy):
+    y, pullback = jax.vjp(f, x, kernel)
+    return y, *pullback(dy)
+
+  custom = lambda x, kernel: resnet.conv(x, kernel, stride, pad)  # noqa: E731
+  dy = jax.random.normal(keys[2], plain(x, kernel).shape)
+  y, dx, dkernel = vjp(custom, x, kernel, dy)
+  y0, dx0, dkernel0 = vjp(plain, x, kernel, dy)
+  # The same sums in other orders: dx sums k^2 * O terms, dkernel B * h * w; their |terms| are the
+  # same linear maps of the absolute values.
+  _, abs_dx, abs_dkernel = vjp(plain, jnp.abs(x), jnp.abs(kernel), jnp.abs(dy))
+  np.testing.assert_allclose(y, y0, rtol=0, atol=1e-6)  # the same forward call
+  np.testing.assert_allclose(dx, dx0, rtol=0, atol=numerics.sum_atol(abs_dx, k * k * 4))
+  n = dy.shape[0] * dy.shape[1] * dy.shape[2]
+  np.testing.assert_allclose(dkernel, dkernel0, rtol=0, atol=numerics.sum_atol(abs_dkernel, n))

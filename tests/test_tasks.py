@@ -381,5 +381,5 @@ def test_malformed_dataset():
     data.Split(np.zeros((5, 28, 28), np.float32), np.zeros(5, np.int32)),
     data.Split(np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.int32)),
   )
-  with pytest.raises(CljaxError, match="must be \\(N, H, W\\) uint8"):
+  with pytest.raises(CljaxError, match="must be \\(N, H, W\\) or \\(N, H, W, C\\) uint8"):
     tasks.make_stream(bad, protocol="permutations", n_tasks=1, samples_per_task=2)
