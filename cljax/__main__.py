@@ -9,6 +9,7 @@ with the cache the progress lines are printed when the run ends (live with --no_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -17,8 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+import tqdm
 
-from cljax import compile_cache, run_folder, tasks, train
+from cljax import checkpoints, compile_cache, run_folder, tasks, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.networks import Network
@@ -76,39 +78,106 @@ def _progress_line(t: int, n_tasks: int, acc_row, seconds: float | None = None) 
 
 
 def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.Compiles]:
-  """Compiles and runs, printing a progress line per task; (host result, compile s, run s, counts).
+  """Compiles and drives the run, a line per task as it ends; (result, compile s, run s, counts).
 
-  Without the compilation cache each line comes as its task ends (a host callback in the
-  program, which JAX does not cache); with it, after the run.
+  The run's pieces (`train.make_task_runner`) are compiled once each and called from here, so
+  the lines come live with the compilation cache on; on a terminal a progress bar (tqdm) shows
+  the run's steps, the current task, the elapsed and the remaining time.
   """
-  live = not p.cache.enabled
   n_tasks = p.stream.train_idx.shape[0]
-  run_start = [0.0]
-
-  def progress(t, acc_row):
-    print(_progress_line(int(t), n_tasks, acc_row, time.perf_counter() - run_start[0]), flush=True)
-
+  steps, chunk, n_chunks = p.schedule
   key = jax.random.key(p.args.seed)
   hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
+  runner = train.make_task_runner(p.config, network=p.network)
   t0 = time.perf_counter()
-  run = jax.jit(train.make_train(p.config, network=p.network, progress=progress if live else None))
-  lowered = run.lower(key, p.stream, hp)
-  with compile_cache.count_compiles() as compiles:
-    compiled = lowered.compile()
-  t1 = run_start[0] = time.perf_counter()
-  steps = p.schedule[0]
+  pieces = _compile(runner, key, p.stream, hp, n_chunks)
+  compile_seconds, compiles = time.perf_counter() - t0, pieces.compiles
+  fp = checkpoints.fingerprint(
+    {"config": dataclasses.asdict(p.config), "seed": p.args.seed, "network": p.args.network},
+    p.stream,
+  )
+  state, baseline, outputs = _resume(p, pieces, fp) if p.args.resume else (None, None, [])
   print(
-    f"compiled in {t1 - t0:.1f} s{' (from cache)' if compiles.from_cache else ''}; training "
-    f"{n_tasks} tasks x {steps} steps"
-    + ("" if live else " (the per-task lines follow the run: --no_compile_cache prints them live)"),
+    f"compiled in {compile_seconds:.1f} s{' (from cache)' if compiles.from_cache else ''}; "
+    f"training {n_tasks} tasks x {steps} steps",
     flush=True,
   )
-  result = jax.device_get(jax.block_until_ready(compiled(key, p.stream, hp)))
-  seconds = time.perf_counter() - t1
-  if not live:
-    for t in range(n_tasks):
-      print(_progress_line(t, n_tasks, result.acc[t]), flush=True)
-  return result, t1 - t0, seconds, compiles
+  t1 = time.perf_counter()
+  bar = tqdm.tqdm(
+    total=n_tasks * steps,
+    unit="step",
+    disable=not sys.stderr.isatty(),
+    leave=False,
+    dynamic_ncols=True,
+  )
+  with bar:
+    if state is None:
+      state, baseline = pieces.start(key, p.stream, hp)
+    bar.update(len(outputs) * steps)
+    for t in range(len(outputs), n_tasks):
+      t_ = np.int32(t)
+      bar.set_description(f"task {t}/{n_tasks}")
+      state = pieces.start_task(state, t_, key, p.stream, hp)
+      chunks = []
+      for c in range(n_chunks):
+        state, out = pieces.chunk(state, t_, np.int32(c), key, p.stream, hp)
+        chunks.append(jax.device_get(out))
+        bar.update(min(chunk, steps - c * chunk))
+      state, output = pieces.end_task(state, t_, train.stack(chunks), key, p.stream, hp)
+      outputs.append(jax.device_get(output))
+      payload = {"state": state, "baseline": baseline, "outputs": train.stack(outputs)}
+      checkpoints.save(p.folder, t + 1, payload, fp)
+      line = _progress_line(t, n_tasks, outputs[-1].curve[-1], time.perf_counter() - t1)
+      bar.write(line, file=sys.stdout)
+      sys.stdout.flush()
+  result = runner.finish(jax.device_get(baseline), outputs, jax.device_get(state))
+  return result, compile_seconds, time.perf_counter() - t1, compiles
+
+
+def _resume(p: _Prepared, pieces: _Pieces, fp: str):
+  """(state, baseline, outputs so far) from the run folder's newest checkpoint.
+
+  (None, None, []) without one: a note says the run starts afresh.
+  """
+  found = checkpoints.latest(p.folder)
+  if found is None:
+    setup.note(f"--resume: no checkpoint in {p.folder}; starting afresh")
+    return None, None, []
+  done, path = found
+  stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((done, *a.shape), a.dtype), pieces.output)
+  like = {"state": pieces.state, "baseline": pieces.baseline, "outputs": stacked}
+  payload = checkpoints.restore(path, like, fp)
+  outputs = [jax.tree.map(lambda a, i=i: a[i], payload["outputs"]) for i in range(done)]
+  print(f"resuming after task {done - 1} ({done} of {p.stream.train_idx.shape[0]} done): {path}")
+  return payload["state"], payload["baseline"], outputs
+
+
+class _Pieces(NamedTuple):
+  """The runner's pieces compiled, the compile counts of all four, and their outputs' shapes."""
+
+  start: Any
+  start_task: Any
+  chunk: Any
+  end_task: Any
+  compiles: compile_cache.Compiles
+  state: Any  # the TrainState's shapes
+  baseline: Any
+  output: Any  # a TaskOutput's shapes
+
+
+def _compile(runner: train.TaskRunner, key, stream, hp, n_chunks: int) -> _Pieces:
+  """The runner's four pieces compiled, each once (t and c are arguments)."""
+  t, c = np.int32(0), np.int32(0)
+  with compile_cache.count_compiles() as compiles:
+    start = jax.jit(runner.start).lower(key, stream, hp).compile()
+    state, baseline = jax.eval_shape(runner.start, key, stream, hp)
+    start_task = jax.jit(runner.start_task).lower(state, t, key, stream, hp).compile()
+    run_chunk = jax.jit(runner.chunk).lower(state, t, c, key, stream, hp).compile()
+    chunk_out = jax.eval_shape(runner.chunk, state, t, c, key, stream, hp)[1]
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n_chunks, *a.shape), a.dtype), chunk_out)
+    end_task = jax.jit(runner.end_task).lower(state, t, stacked, key, stream, hp).compile()
+    output = jax.eval_shape(runner.end_task, state, t, stacked, key, stream, hp)[1]
+  return _Pieces(start, start_task, run_chunk, end_task, compiles, state, baseline, output)
 
 
 def _record(p: _Prepared, result, timings, device, argv, compiles) -> dict[str, Any]:
@@ -198,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except OSError as e:
     setup.error(f"cannot write the results to {p.folder}: {e.strerror or e}")
     return 2
+  if not args.keep_checkpoints:
+    checkpoints.remove(p.folder)
   print(f"results: {p.folder}")
   diverged = record["diverged_at_task"]
   if diverged is not None:

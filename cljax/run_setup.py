@@ -323,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
       _add_field(own, field)
   own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
   own.add_argument(
+    "--resume",
+    action=_StoreTrue,
+    help="continue the run in --save_path from its last finished task (a checkpoint is written "
+    "after each task; one written under other settings or another stream is refused)",
+  )
+  own.add_argument(
+    "--keep_checkpoints",
+    action=_StoreTrue,
+    help="keep the last task's checkpoint when the run completes (removed otherwise)",
+  )
+  own.add_argument(
     "--no_compile_cache",
     action=_StoreTrue,
     help="compile every program afresh, reading and writing no cache (without it: JAX's "

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cljax import data, tasks
@@ -452,28 +453,35 @@ def make_evaluate(config: Config, network: Network | None = None) -> Callable[..
   return evaluate
 
 
-def make_train(
-  config: Config,
-  rule: Rule | None = None,
-  *,
-  network: Network | None = None,
-  progress: Callable[[Any, Any], None] | None = None,
-):
-  """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
+class TaskOutput(NamedTuple):
+  """What one task of a run gives (`make_train` stacks them over the tasks into a RunResult).
 
-  The returned function takes a PRNG key (model init and the rule's random choices), a
-  `tasks.TaskStream`, and optional `HParams` (default: the config's).
-
-  Args:
-    config: the static `Config` (network, memory, schedule; the built-in rule's settings).
-    rule: the `cljax.rules.Rule` to run (default: config.variant's, `cljax.rules.registry`).
-    network: the `cljax.networks.Network` to train (`from_module` makes one of any Flax
-      module); None: GEM's MLP from the config's n_layers, n_hiddens and init. A network that
-      does not fit the stream's examples or classes is refused in one line when traced, before
-      compiling.
-    progress: optional host function progress(t, acc_row) called once at the end of each task
-      (through `jax.debug.callback`, outside the steps), e.g. to print a progress line.
+  curve: (C, T) accuracies after each of its C chunks; curve_step: (C,) the global step at each;
+  counters: `TaskCounters` of scalars; finite: () the parameters finite at its end; summary: the
+  rule's `summary` of its state before its end_task (None without one).
   """
+
+  curve: jax.Array
+  curve_step: jax.Array
+  counters: TaskCounters
+  finite: jax.Array
+  summary: Any = None
+
+
+class _Run(NamedTuple):
+  """One run's pieces, traced for a key, a stream and hyper-parameters (`_run_parts`)."""
+
+  initial_state: Callable[[], TrainState]
+  evaluate: Callable[[TrainState], jax.Array]
+  chunk: Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, Any]]
+  start_task: Callable[[TrainState, jax.Array], TrainState]
+  end_task: Callable[[TrainState, jax.Array, Any], tuple[TrainState, TaskOutput]]
+  n_tasks: int
+  n_chunks: int
+
+
+def _run_parts(config: Config, rule: Rule | None, network: Network | None):
+  """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
   config = resolve_config(config, network)
   rule = registry.rule_for(config) if rule is None else rule
   if rule.memory_writes not in ("ring", "reservoir"):
@@ -482,13 +490,13 @@ def make_train(
     )
   evaluate = make_evaluate(config, network)
 
-  def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
+  def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
     hp = default_hparams(config) if hparams is None else hparams
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
     net = network_of(config, T, D, stream.classes, network)
-    params, apply = net.init(init_key), net.apply
+    apply = net.apply
 
     def batch_loss(params, x, y):
       return mean_loss(apply, params, x, y)
@@ -505,13 +513,27 @@ def make_train(
 
       return jax.lax.fori_loop(0, t, one, model_state)
 
-    opt = optax.sgd(hp.lr)
-    memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(net.tagged))
-    zero = jnp.zeros((), jnp.int32)
-    model_state = net.network.init_state() if net.network.stateful else None
-    state = TrainState(
-      params, opt.init(params), memory, zero, jnp.zeros((), bool), rule.init(params, T), model_state
-    )
+    made = {}
+
+    def opt():  # made on first use: the initial state's parameters first, as the run's program
+      if "sgd" not in made:
+        made["sgd"] = optax.sgd(hp.lr)
+      return made["sgd"]
+
+    def initial_state() -> TrainState:
+      params = net.init(init_key)
+      memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(net.tagged))
+      zero = jnp.zeros((), jnp.int32)
+      model_state = net.network.init_state() if net.network.stateful else None
+      return TrainState(
+        params,
+        opt().init(params),
+        memory,
+        zero,
+        jnp.zeros((), bool),
+        rule.init(params, T),
+        model_state,
+      )
 
     def train_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
       epochs = jax.random.fold_in(step_key, _EPOCH_KEY) if config.n_epochs > 1 else None
@@ -534,7 +556,7 @@ def make_train(
       g, stats, rule_state = rule.update(g, ctx, state.rule_state)
       if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself
         memory = write_reservoir(memory, x, y, jax.random.fold_in(key, _RESERVOIR_KEY))
-      updates, opt_state = opt.update(g, state.opt_state, state.params)
+      updates, opt_state = opt().update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       new = TrainState(
         params,
@@ -556,43 +578,159 @@ def make_train(
       valid = (j < steps) & ~state.diverged
       return jax.lax.cond(valid, train_step, skip_step, state, t, jnp.minimum(j, steps - 1))
 
-    def chunk_then_eval(state: TrainState, xs):
-      t, c = xs
+    def chunk_then_eval(state: TrainState, t, c):
+      """Chunk c of task t (log_every steps), then the evaluation of all tasks."""
       js = c * chunk + jnp.arange(chunk)
       state, stats = jax.lax.scan(step, state, (jnp.full((chunk,), t), js))
       return state, (evaluate(state.params, stream, state.model_state), state.step, stats)
 
-    def task(state: TrainState, t):
+    def start_task(state: TrainState, t) -> TrainState:
       if net.per_task and config.finetune == "yes":
         state = state._replace(params=finetune_start(state.params, t))
-      state, (curve, curve_step, stats) = jax.lax.scan(
-        chunk_then_eval, state, (jnp.full((n_chunks,), t), jnp.arange(n_chunks))
-      )
+      return state
+
+    def end_task(state: TrainState, t, chunks) -> tuple[TrainState, TaskOutput]:
+      """The task's end: its chunks' outputs (stacked) reduced, then the rule's end_task."""
+      curve, curve_step, stats = chunks
       stats = jax.tree.map(lambda a: a.reshape(-1), stats)  # (C * chunk,)
       summary = None if rule.summary is None else rule.summary(state.rule_state)
       if rule.end_task is not None:
         key = jax.random.fold_in(jax.random.fold_in(step_key, _TASK_END_KEY), t)
         end = TaskEndContext(t, state.params, key, state.memory, apply)
         state = state._replace(rule_state=rule.end_task(state.rule_state, end))
-      if progress is not None:
-        jax.debug.callback(progress, t, curve[-1])
-      return state, (curve, curve_step, _reduce(stats), _tree_all_finite(state.params), summary)
+      out = TaskOutput(curve, curve_step, _reduce(stats), _tree_all_finite(state.params), summary)
+      return state, out
 
-    baseline = evaluate(state.params, stream, state.model_state)
-    state, (curve, curve_step, counters, finite, h) = jax.lax.scan(task, state, jnp.arange(T))
-    return RunResult(
-      curve[:, -1],
-      baseline,
-      curve,
-      curve_step,
-      counters,
-      finite,
-      state.params,
-      h,
-      state.model_state,
+    return _Run(
+      initial_state,
+      lambda state: evaluate(state.params, stream, state.model_state),
+      chunk_then_eval,
+      start_task,
+      end_task,
+      T,
+      n_chunks,
     )
 
+  return parts
+
+
+def make_train(
+  config: Config,
+  rule: Rule | None = None,
+  *,
+  network: Network | None = None,
+  progress: Callable[[Any, Any], None] | None = None,
+):
+  """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
+
+  The returned function takes a PRNG key (model init and the rule's random choices), a
+  `tasks.TaskStream`, and optional `HParams` (default: the config's). The whole run is one
+  program: a scan over tasks (`make_task_runner` drives the same pieces task by task).
+
+  Args:
+    config: the static `Config` (network, memory, schedule; the built-in rule's settings).
+    rule: the `cljax.rules.Rule` to run (default: config.variant's, `cljax.rules.registry`).
+    network: the `cljax.networks.Network` to train (`from_module` makes one of any Flax
+      module); None: GEM's MLP from the config's n_layers, n_hiddens and init. A network that
+      does not fit the stream's examples or classes is refused in one line when traced, before
+      compiling.
+    progress: optional host function progress(t, acc_row) called once at the end of each task
+      (through `jax.debug.callback`, outside the steps; a program holding it is not cached).
+  """
+  parts = _run_parts(config, rule, network)
+
+  def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
+    run = parts(key, stream, hparams)
+    state = run.initial_state()
+
+    def chunk(state: TrainState, xs):
+      return run.chunk(state, *xs)
+
+    def task(state: TrainState, t):
+      state = run.start_task(state, t)
+      state, chunks = jax.lax.scan(
+        chunk, state, (jnp.full((run.n_chunks,), t), jnp.arange(run.n_chunks))
+      )
+      state, out = run.end_task(state, t, chunks)
+      if progress is not None:
+        jax.debug.callback(progress, t, out.curve[-1])
+      return state, out
+
+    baseline = run.evaluate(state)
+    state, outputs = jax.lax.scan(task, state, jnp.arange(run.n_tasks))
+    return _result(baseline, outputs, state)
+
   return train
+
+
+class TaskRunner(NamedTuple):
+  """A run driven from Python, chunk by chunk, each piece one program (`make_task_runner`).
+
+  start(key, stream, hparams) -> (TrainState, baseline (T,)); start_task(state, t, key, stream,
+  hparams) -> state; chunk(state, t, c, key, stream, hparams) -> (state, (acc (T,), step (),
+  StepStats of its log_every steps)); end_task(state, t, chunks, key, stream, hparams) ->
+  (state, TaskOutput), chunks: the task's chunk outputs stacked (`stack`); finish(baseline,
+  outputs, state) -> RunResult, outputs: the T TaskOutputs (host arrays). t and c are int32
+  arrays, so each piece compiles once for the whole run.
+  """
+
+  start: Callable[..., tuple[TrainState, jax.Array]]
+  start_task: Callable[..., TrainState]
+  chunk: Callable[..., tuple[TrainState, Any]]
+  end_task: Callable[..., tuple[TrainState, TaskOutput]]
+  finish: Callable[[Any, list[TaskOutput], TrainState], RunResult]
+
+
+def make_task_runner(
+  config: Config, rule: Rule | None = None, *, network: Network | None = None
+) -> TaskRunner:
+  """The run of `make_train` as pieces to drive from Python (see `TaskRunner`); the caller jits.
+
+  The pieces are the scan's own bodies, so a driven run computes what `make_train` computes
+  (tested bit for bit on this machine). Driving it, a caller sees each evaluation as it comes
+  (progress with the compilation cache on: no host callback in any program) and holds the
+  state between tasks (checkpoints).
+  """
+  parts = _run_parts(config, rule, network)
+
+  def start(key, stream, hparams=None):
+    run = parts(key, stream, hparams)
+    state = run.initial_state()
+    return state, run.evaluate(state)
+
+  def start_task(state, t, key, stream, hparams=None):
+    return parts(key, stream, hparams).start_task(state, t)
+
+  def chunk(state, t, c, key, stream, hparams=None):
+    return parts(key, stream, hparams).chunk(state, t, c)
+
+  def end_task(state, t, chunks, key, stream, hparams=None):
+    return parts(key, stream, hparams).end_task(state, t, chunks)
+
+  def finish(baseline, outputs, state):
+    return _result(baseline, stack(outputs), state)
+
+  return TaskRunner(start, start_task, chunk, end_task, finish)
+
+
+def stack(items: Sequence[Any]) -> Any:
+  """Pytrees with the same structure -> one pytree, each leaf stacked on a new leading axis."""
+  return jax.tree.map(lambda *leaves: np.stack([np.asarray(a) for a in leaves]), *items)
+
+
+def _result(baseline: jax.Array, outputs: TaskOutput, state: TrainState) -> RunResult:
+  """The RunResult of a run's baseline, its task outputs stacked over the tasks, its end state."""
+  return RunResult(
+    outputs.curve[:, -1],
+    baseline,
+    outputs.curve,
+    outputs.curve_step,
+    outputs.counters,
+    outputs.finite,
+    state.params,
+    outputs.summary,
+    state.model_state,
+  )
 
 
 def network_of(

@@ -9,6 +9,9 @@ second `make run` pays:
   compile cold  lowering + XLA compile of the whole run, empty cache (first process)
   compile warm  the same in a second process: the program comes from JAX's persistent cache
   run           the compiled run (101 evaluations of 10 x 10,000 test images), median of --repeats
+  driven        the same run driven from Python piece by piece, as `python -m cljax` runs it
+                (`train.make_task_runner`: a call per chunk of log_every steps, per task start and
+                end), median of --repeats: what the per-task calls cost beside the one program
   floor         the run's flops at the float32 matmul rate measured in the same process (a 2048^3
                 product): 101 evaluations x 2 x 89,610 flop per test image and task, plus the
                 training flops, forward + backward (6 x 89,610 flop) of the step's example and of
@@ -41,11 +44,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cljax import data, tasks
 from cljax.networks import Network, from_module
 from cljax.run_folder import write_atomic
-from cljax.train import Config, make_evaluate, make_train
+from cljax.train import Config, make_evaluate, make_task_runner, make_train, schedule, stack
 
 VARIANTS = ["single", "agem", "agem_old", "agem_new", "agem_qp_mean", "gem", "gem_grouped"]
 OTHER_NETWORKS = {"agem_cnn": "agem"}  # a row name -> the variant it runs on the CNN
@@ -105,6 +109,9 @@ def measure(variant: str, repeats: int, warm_only: bool) -> dict:
     return out
   result = jax.block_until_ready(run(key, stream))  # warm-up
   out["run_s"] = _median_time(lambda: jax.block_until_ready(run(key, stream)), repeats)
+  driven = _driven(cfg, network, key, stream)
+  driven()  # compiles its pieces
+  out["driven_s"] = _median_time(driven, repeats)
   evaluate = jax.jit(make_evaluate(cfg, network)).lower(result.params, stream).compile()
   jax.block_until_ready(evaluate(result.params, stream))
   out["eval_s"] = _median_time(lambda: jax.block_until_ready(evaluate(result.params, stream)), 5)
@@ -122,6 +129,30 @@ def measure(variant: str, repeats: int, warm_only: bool) -> dict:
   return out
 
 
+def _driven(cfg, network, key, stream):
+  """A function running the whole run piece by piece (the CLI's loop, without its printing)."""
+  runner = make_task_runner(cfg, network=network)
+  start, start_task, chunk, end = (
+    jax.jit(f) for f in (runner.start, runner.start_task, runner.chunk, runner.end_task)
+  )
+  _, _, n_chunks = schedule(cfg, stream)
+
+  def run():
+    state, baseline = start(key, stream)
+    outputs = []
+    for t in range(stream.train_idx.shape[0]):
+      state = start_task(state, np.int32(t), key, stream)
+      chunks = []
+      for c in range(n_chunks):
+        state, out = chunk(state, np.int32(t), np.int32(c), key, stream)
+        chunks.append(jax.device_get(out))
+      state, out = end(state, np.int32(t), stack(chunks), key, stream)
+      outputs.append(jax.device_get(out))
+    return runner.finish(jax.device_get(baseline), outputs, jax.device_get(state))
+
+  return run
+
+
 def _child(variant, cache, repeats, warm_only):
   cmd = [sys.executable, __file__, "--one", variant, "--repeats", str(repeats)]
   cmd += ["--warm_only"] if warm_only else []
@@ -133,18 +164,25 @@ def _child(variant, cache, repeats, warm_only):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _e2e(variant, repeats):
-  """Whole-process wall time of `python -m cljax --model variant`: (cold, warm) medians."""
-  cold, warm = [], []
+def _e2e(variant, repeats, trees=(None,)):
+  """Whole-process wall time of `python -m cljax --model variant`: {tree: (cold, warm) medians}.
+
+  trees: source trees to run cljax from (None: this one), interleaved within each repeat so that
+  they see the same machine load.
+  """
+  times = {tree: ([], []) for tree in trees}
   for _ in range(repeats):
-    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as save:
-      cmd = [sys.executable, "-m", "cljax", "--model", variant, "--save_path", save, "--no_plots"]
-      env = {**os.environ, "CLJAX_CACHE_DIR": cache}
-      for times in (cold, warm):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, check=True, env=env)
-        times.append(time.perf_counter() - t0)
-  return statistics.median(cold), statistics.median(warm)
+    for tree in trees:
+      with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as save:
+        cmd = [sys.executable, "-m", "cljax", "--model", variant, "--save_path", save]
+        env = {**os.environ, "CLJAX_CACHE_DIR": cache}
+        if tree is not None:
+          env["PYTHONPATH"] = tree
+        for kind in times[tree]:
+          t0 = time.perf_counter()
+          subprocess.run([*cmd, "--no_plots"], capture_output=True, check=True, env=env, cwd=tree)
+          kind.append(time.perf_counter() - t0)
+  return {tree: (statistics.median(c), statistics.median(w)) for tree, (c, w) in times.items()}
 
 
 def main() -> None:
@@ -153,6 +191,9 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--e2e", nargs="*", default=None, help="variants to time as whole processes")
   parser.add_argument("--e2e_repeats", type=int, default=3)
+  parser.add_argument(
+    "--e2e_before", default=None, help="another source tree (e.g. a git worktree) timed beside"
+  )
   parser.add_argument("--out", default=None)
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process
   parser.add_argument("--warm_only", action="store_true", help=argparse.SUPPRESS)
@@ -173,13 +214,14 @@ def main() -> None:
     print(f"measured {variant}", file=sys.stderr, flush=True)
 
   lines = [
-    "| variant | compile cold s | compile warm s | run s | floor s | run / floor | eval s | "
-    "eval GFLOP/s (% of matmul) | train s (floor) | step us | peak MB |",
-    "|" + " --- |" * 11,
+    "| variant | compile cold s | compile warm s | run s | driven s | floor s | run / floor | "
+    "eval s | eval GFLOP/s (% of matmul) | train s (floor) | step us | peak MB |",
+    "|" + " --- |" * 12,
   ]
   for r in rows:
     lines.append(
       f"| {r['variant']} | {r['compile_s']:.1f} | {r['warm_compile_s']:.2f} | {r['run_s']:.2f} | "
+      f"{r['driven_s']:.2f} | "
       f"{r['floor_s']:.2f} | {r['run_s'] / r['floor_s']:.2f} | {r['eval_s']:.3f} | "
       f"{r['eval_gflops']:.0f} ({100 * r['eval_gflops'] / r['matmul_gflops']:.0f}%) | "
       f"{r['train_s']:.2f} ({r['train_floor_s']:.2f}) | {r['train_s'] / (T * S) * 1e6:.0f} | "
@@ -196,12 +238,13 @@ def main() -> None:
   if args.e2e is not None:
     lines += [
       "",
-      "| variant | `python -m cljax` cold cache s | warm cache s |",
-      "| --- | --- | --- |",
+      "| variant | tree | `python -m cljax` cold cache s | warm cache s |",
+      "| --- | --- | --- | --- |",
     ]
+    trees = (None,) if args.e2e_before is None else (args.e2e_before, None)
     for variant in args.e2e or ["agem_new", "gem"]:
-      cold, warm = _e2e(variant, args.e2e_repeats)
-      lines.append(f"| {variant} | {cold:.1f} | {warm:.1f} |")
+      for tree, (cold, warm) in _e2e(variant, args.e2e_repeats, trees).items():
+        lines.append(f"| {variant} | {tree or 'this one'} | {cold:.1f} | {warm:.1f} |")
     lines += [
       "",
       f"Whole process (import, data, compile, run, results), median of {args.e2e_repeats}.",

@@ -59,7 +59,7 @@ def test_second_run_in_a_fresh_process_loads_its_program_from_the_cache(tiny_dat
   first = record_of(tmp_path, "gem", 1)
   assert first["compile_cache"] == {"enabled": True, "dir": str(cache), "hit": False}
   assert "(from cache)" not in wall_time_line(cold.stdout)
-  assert any(n.startswith("jit_train-") for n in os.listdir(cache))  # the run's program
+  assert any(n.startswith("jit_chunk-") for n in os.listdir(cache))  # the run's chunk program
 
   # Another seed, lr and margin: traced values, the same program.
   again = ("--n_memories", "4", "--seed", "2", "--lr", "0.05", "--memory_strength", "1")
@@ -69,9 +69,10 @@ def test_second_run_in_a_fresh_process_loads_its_program_from_the_cache(tiny_dat
   assert second["compile_cache"] == {"enabled": True, "dir": str(cache), "hit": True}
   assert "(from cache)" in wall_time_line(warm.stdout)
   assert second["matrix"] != first["matrix"]
-  # The progress lines, printed after the run (the cached program has no host callback).
+  # The progress lines, live from the driver (no program holds a host callback).
   progress = [x for x in warm.stdout.splitlines() if x.startswith("task ")]
   assert [x.split(":")[0] for x in progress] == ["task 0 done (1/2)", "task 1 done (2/2)"]
+  assert all(" s, accuracy " in x for x in progress)
 
 
 def test_no_compile_cache_writes_no_cache_files(tiny_data, tmp_path):
@@ -85,7 +86,7 @@ def test_no_compile_cache_writes_no_cache_files(tiny_data, tmp_path):
     "hit": False,
   }
   assert os.listdir(ours) == [] and not jax_own.exists()
-  # Without the cache the progress lines come live, with the seconds since the run started.
+  # The progress lines, with the seconds since the run started.
   progress = [x for x in done.stdout.splitlines() if x.startswith("task ")]
   assert len(progress) == 2 and all(" s, accuracy " in x for x in progress)
 
