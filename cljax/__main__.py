@@ -24,6 +24,7 @@ from cljax import checkpoints, compile_cache, run_folder, tasks, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.networks import Network
+from cljax.rules.base import Rule
 
 
 class _Prepared(NamedTuple):
@@ -32,6 +33,7 @@ class _Prepared(NamedTuple):
   args: argparse.Namespace
   config: train.Config
   network: Network | None  # None: the config's MLP
+  rule: Rule | None  # --rule's; None: the config's variant
   stream: tasks.TaskStream
   source: str  # "idx" or "tfds"
   directory: str | None  # the IDX folder read
@@ -47,14 +49,8 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     setup.note(message)
   network = setup.network_for(args)
   config = setup.train_config(args, network)
-  name = run_folder.run_name(
-    args.model,
-    args.dataset,
-    args.protocol,
-    args.seed,
-    agem_ref=args.agem_ref,
-    rule=setup.name_parts(args),
-  )
+  rule = setup.rule_for(args, config)
+  name = setup.run_name(args, args.seed)
   cache = setup.use_compile_cache(args)  # before JAX compiles anything
   data_path, note = setup.data_path_for(args)
   if note:
@@ -64,7 +60,7 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     setup.warning(message)
   schedule = train.schedule(config, stream)
   folder = os.path.join(args.save_path, name)
-  return _Prepared(args, config, network, stream, source, directory, folder, schedule, cache)
+  return _Prepared(args, config, network, rule, stream, source, directory, folder, schedule, cache)
 
 
 def _progress_line(t: int, n_tasks: int, acc_row, seconds: float | None = None) -> str:
@@ -88,12 +84,17 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
   steps, chunk, n_chunks = p.schedule
   key = jax.random.key(p.args.seed)
   hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
-  runner = train.make_task_runner(p.config, network=p.network)
+  runner = train.make_task_runner(p.config, p.rule, network=p.network)
   t0 = time.perf_counter()
   pieces = _compile(runner, key, p.stream, hp, n_chunks)
   compile_seconds, compiles = time.perf_counter() - t0, pieces.compiles
   fp = checkpoints.fingerprint(
-    {"config": dataclasses.asdict(p.config), "seed": p.args.seed, "network": p.args.network},
+    {
+      "config": dataclasses.asdict(p.config),
+      "seed": p.args.seed,
+      "network": p.args.network,
+      "rule": p.args.rule,
+    },
     p.stream,
   )
   state, baseline, outputs = _resume(p, pieces, fp) if p.args.resume else (None, None, [])

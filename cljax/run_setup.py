@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import inspect
 import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cljax import compile_cache, data, networks, presets, resnet, tasks, train
+from cljax import compile_cache, data, networks, presets, resnet, run_folder, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
 from cljax.networks import Network
 from cljax.rules import registry
+from cljax.rules.base import Rule
 
 PROG = "cljax"
 NETWORKS = ("mlp", "resnet18")
@@ -297,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
   )
   _add(
     own,
+    "rule",
+    default=None,
+    metavar="MODULE:FACTORY",
+    help="a rule written outside cljax instead of --model's: FACTORY() or FACTORY(config) in "
+    "MODULE (importable from the working directory or PYTHONPATH) returns a cljax.rules.Rule; "
+    "--model's network form and settings still apply",
+  )
+  _add(
+    own,
     "network",
     default=None,
     choices=NETWORKS,
@@ -512,6 +524,62 @@ def train_config(args: argparse.Namespace, network: Network | None = None) -> tr
   """
   fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
   return train.resolve_config(train.Config(**fields, grouped=grouped_config(args)), network)
+
+
+def rule_for(args: argparse.Namespace, config: train.Config) -> Rule | None:
+  """The --rule factory's Rule (None without --rule: the config's variant).
+
+  Raises:
+    CljaxError: a value not MODULE:FACTORY, a module that cannot be imported, a factory that is
+      missing, not callable, fails, or does not return a Rule. One line each.
+  """
+  if args.rule is None:
+    return None
+  module_name, sep, name = args.rule.partition(":")
+  if not sep or not module_name or not name:
+    raise CljaxError(f"--rule {args.rule!r}: give MODULE:FACTORY, e.g. my_rules:loss_weighted")
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.insert(0, os.getcwd())  # as `python -m` does: the working directory's modules
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # ImportError, or the module's own error: one line
+    raise CljaxError(
+      f"--rule {args.rule}: cannot import {module_name} ({type(e).__name__}: {_first_line(e)}); "
+      "it must be importable from the working directory or PYTHONPATH"
+    ) from None
+  factory = getattr(module, name, None)
+  if not callable(factory):
+    raise CljaxError(f"--rule {args.rule}: {module_name} has no callable {name}")
+  try:
+    takes_config = any(
+      p.default is inspect.Parameter.empty
+      and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+      for p in inspect.signature(factory).parameters.values()
+    )
+    rule = factory(config) if takes_config else factory()
+  except Exception as e:
+    raise CljaxError(
+      f"--rule {args.rule}: the factory failed ({type(e).__name__}: {_first_line(e)})"
+    ) from None
+  if not isinstance(rule, Rule):
+    raise CljaxError(
+      f"--rule {args.rule}: the factory returned a {type(rule).__name__}, not a cljax.rules.Rule"
+    )
+  return rule
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else ""
+
+
+def run_name(args: argparse.Namespace, seed: int) -> str:
+  """The results folder's name (`run_folder.run_name`; with --rule, "rule-MODULE.FACTORY_...")."""
+  if args.rule is not None:
+    return f"rule-{args.rule.replace(':', '.')}_{args.dataset}_{args.protocol}_seed{seed}"
+  return run_folder.run_name(
+    args.model, args.dataset, args.protocol, seed, agem_ref=args.agem_ref, rule=name_parts(args)
+  )
 
 
 def network_for(args: argparse.Namespace) -> Network | None:

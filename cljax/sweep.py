@@ -25,6 +25,7 @@ import numpy as np
 
 from cljax.errors import CljaxError
 from cljax.networks import Network
+from cljax.rules.base import Rule
 from cljax.tasks import TaskStream
 from cljax.train import GROUPED_VARIANTS, Config, HParams, RunResult, make_train
 
@@ -108,6 +109,7 @@ def make_sweep(
   devices: Sequence[jax.Device] | None = None,
   on_run: Callable[[int, RunResult], None] | None = None,
   network: Network | None = None,
+  rule: Rule | None = None,
 ) -> Callable[[jax.Array, TaskStream, HParams], RunResult]:
   """Return sweep(keys (S,), stacked stream, hparams (S,)) -> RunResult with a leading axis S.
 
@@ -123,6 +125,7 @@ def make_sweep(
     devices: the devices to split the runs across; None: all devices of the default backend
       (on a CPU, one per `jax_num_cpu_devices` / `--xla_force_host_platform_device_count`).
     network: the `cljax.networks.Network` every run trains (None: the config's MLP).
+    rule: the `cljax.rules.Rule` every run applies (None: config.variant's).
     on_run: optional host function on_run(i, result) called as each run i finishes (through
       `jax.debug.callback`, with the run's RunResult minus params, as numpy arrays), e.g. to
       write its record; it may be called from several threads at once and in any order, and
@@ -145,7 +148,7 @@ def make_sweep(
       "eigendecompositions deadlock XLA's CPU thread pool): use one CPU device, or the sweep "
       "CLI's --strategy processes (its CPU default)."
     )
-  train = make_train(config, network=network)
+  train = make_train(config, rule, network=network)
 
   def run(index, key, stream: TaskStream, hp: HParams) -> RunResult:
     result = train(key, stream, hp)

@@ -179,6 +179,7 @@ def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> d
     digest.update(np.ascontiguousarray(a).tobytes())
   return {
     "variant": config.variant,
+    **({"rule": args.rule} if args.rule else {}),  # a sweep folder of another rule is another
     "train_config": cfg,
     "dataset": args.dataset,
     "protocol": args.protocol,
@@ -209,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     network = setup.network_for(args)
     config = setup.train_config(args, network)
+    rule = setup.rule_for(args, config)
     settings = [
       sweep_folder.Setting(lr, ms)
       for lr, ms in itertools.product(
@@ -234,7 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   if args.strategy != "processes" and n_devices > 1 and jax.default_backend() == "cpu":
     try:  # make_sweep's check, before any data is loaded
-      make_sweep(config, strategy=args.strategy, devices=jax.devices()[:n_devices], network=network)
+      make_sweep(
+        config,
+        strategy=args.strategy,
+        devices=jax.devices()[:n_devices],
+        network=network,
+        rule=rule,
+      )
     except CljaxError as e:
       setup.error(e)
       return 2
@@ -247,14 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for message in messages:
       setup.warning(message)
     train.schedule(config, streams[0])
-    base = run_folder.run_name(
-      args.model,
-      args.dataset,
-      args.protocol,
-      0,
-      agem_ref=args.agem_ref,
-      rule=setup.name_parts(args),
-    ).rsplit("_seed", 1)[0]
+    base = setup.run_name(args, 0).rsplit("_seed", 1)[0]
     folder = args.sweep_dir or os.path.join(args.save_path, "sweeps", base)
     fp = sweep_folder.open_folder(folder, _fixed_settings(config, args, streams[0]))
   except CljaxError as e:
@@ -274,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if to_run and args.strategy == "processes":
     status = _run_processes(args, to_run, folder, fp, cache.dir)
   elif to_run:
-    status = _run_one_call(args, config, network, to_run, stream_of, folder, fp, source, directory)
+    status = _run_one_call(
+      args, config, network, rule, to_run, stream_of, folder, fp, source, directory
+    )
   plots = not args.no_plots and run_folder.plotting_available()
   rows, _ = sweep_folder.write_summary(folder, fp, title=_title(args), plots=plots)
   print(sweep_folder.summary_markdown(rows, _title(args)))
@@ -314,10 +317,11 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages, cache_dir) -> None:
     args, _ = setup.parse_args(parser_argv, build_parser())
     network = setup.network_for(args)
     config = setup.train_config(args, network)
+    rule = setup.rule_for(args, config)
     data_path, _ = setup.data_path_for(args)
     streams, source, directory, _ = setup.load_streams(args, data_path, seeds)
     stream_of = dict(zip(seeds, streams, strict=True))
-    run = jax.jit(train.make_train(config, network=network))
+    run = jax.jit(train.make_train(config, rule, network=network))
     started = time.perf_counter()
     while os.getppid() == parent and (job := jobs.get()) is not None:
       setting, seed = job
@@ -390,7 +394,9 @@ def _run_processes(args, to_run, folder, fp, cache_dir) -> int:
   return 0
 
 
-def _run_one_call(args, config, network, to_run, stream_of, folder, fp, source, directory) -> int:
+def _run_one_call(
+  args, config, network, rule, to_run, stream_of, folder, fp, source, directory
+) -> int:
   """Runs the missing pairs in one compiled call across the devices, recording each as it ends."""
   devices = jax.devices()
   devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
@@ -423,7 +429,7 @@ def _run_one_call(args, config, network, to_run, stream_of, folder, fp, source, 
   stacked = stack_streams([stream_of[seed] for seed in seeds])
   t0 = time.perf_counter()
   sweep = make_sweep(
-    config, strategy=args.strategy, devices=devices, on_run=on_run, network=network
+    config, strategy=args.strategy, devices=devices, on_run=on_run, network=network, rule=rule
   )
   try:
     compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()

@@ -56,6 +56,12 @@ from cljax.rules.er import BUFFERS as ER_BUFFERS
 from cljax.rules.ewc import FISHERS
 
 VARIANTS = tuple(registry.VARIANTS)
+# --optimizer: lr -> an optax GradientTransformation (lr traced: a sweep over it compiles once).
+OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
+  "sgd": optax.sgd,  # GEM's
+  "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+  "adam": optax.adam,
+}
 GROUPED_VARIANTS = registry.GROUPED_VARIANTS
 AGEM_REFS = registry.AGEM_REFS
 AGEM_RULES = registry.AGEM_RULES
@@ -87,6 +93,8 @@ class Config:
     memory_strength: GEM's margin, v >= memory_strength in the dual QP; EWC's penalty strength
       (default for HParams).
     n_layers, n_hiddens: the MLP's hidden layers and width.
+    optimizer: a name in OPTIMIZERS, the optax transformation that applies the rule's gradient
+      at lr ("sgd": GEM's); `make_train(optimizer=...)` takes any other.
     init: "gem" (the GEM code's Xavier uniform, zero biases), "torch" (nn.Linear's default) or
       "flax" (see `cljax.models.MLP`).
     agem_ref: A-GEM's reference gradient: "pooled" (a sample of replay_batch_size examples of the
@@ -175,6 +183,11 @@ class Config:
   eps: float = _flag(1e-3, "ridge on the QP's Gram matrix")
   eval_batch_size: int = _flag(2000, "test examples per evaluation batch")
   qp_max_iter: int = _flag(1000, "iteration cap of the QP solver")
+  optimizer: str = _flag(
+    "sgd",
+    "the optimiser (optax): sgd (GEM's), momentum (SGD with momentum 0.9) or adam, at --lr",
+    choices=tuple(OPTIMIZERS),
+  )
   memory_grads: str = _flag(
     "auto",
     "memory gradients from per-example factors (fast; networks of Dense layers, the MLP) or one "
@@ -480,7 +493,12 @@ class _Run(NamedTuple):
   n_chunks: int
 
 
-def _run_parts(config: Config, rule: Rule | None, network: Network | None):
+Optimizer = Callable[[jax.Array], optax.GradientTransformation]
+
+
+def _run_parts(
+  config: Config, rule: Rule | None, network: Network | None, optimizer: Optimizer | None = None
+):
   """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
   config = resolve_config(config, network)
   rule = registry.rule_for(config) if rule is None else rule
@@ -516,9 +534,9 @@ def _run_parts(config: Config, rule: Rule | None, network: Network | None):
     made = {}
 
     def opt():  # made on first use: the initial state's parameters first, as the run's program
-      if "sgd" not in made:
-        made["sgd"] = optax.sgd(hp.lr)
-      return made["sgd"]
+      if "opt" not in made:
+        made["opt"] = (OPTIMIZERS[config.optimizer] if optimizer is None else optimizer)(hp.lr)
+      return made["opt"]
 
     def initial_state() -> TrainState:
       params = net.init(init_key)
@@ -619,6 +637,7 @@ def make_train(
   rule: Rule | None = None,
   *,
   network: Network | None = None,
+  optimizer: Optimizer | None = None,
   progress: Callable[[Any, Any], None] | None = None,
 ):
   """Return train(key, stream, hparams=None) -> RunResult, to be jitted (and vmapped) by the caller.
@@ -634,10 +653,12 @@ def make_train(
       module); None: GEM's MLP from the config's n_layers, n_hiddens and init. A network that
       does not fit the stream's examples or classes is refused in one line when traced, before
       compiling.
+    optimizer: optimizer(lr) -> an optax GradientTransformation applying the rule's gradient
+      (lr traced, `HParams.lr`); None: config.optimizer's (`OPTIMIZERS`; GEM's SGD).
     progress: optional host function progress(t, acc_row) called once at the end of each task
       (through `jax.debug.callback`, outside the steps; a program holding it is not cached).
   """
-  parts = _run_parts(config, rule, network)
+  parts = _run_parts(config, rule, network, optimizer)
 
   def train(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None = None) -> RunResult:
     run = parts(key, stream, hparams)
@@ -682,7 +703,11 @@ class TaskRunner(NamedTuple):
 
 
 def make_task_runner(
-  config: Config, rule: Rule | None = None, *, network: Network | None = None
+  config: Config,
+  rule: Rule | None = None,
+  *,
+  network: Network | None = None,
+  optimizer: Optimizer | None = None,
 ) -> TaskRunner:
   """The run of `make_train` as pieces to drive from Python (see `TaskRunner`); the caller jits.
 
@@ -691,7 +716,7 @@ def make_task_runner(
   (progress with the compilation cache on: no host callback in any program) and holds the
   state between tasks (checkpoints).
   """
-  parts = _run_parts(config, rule, network)
+  parts = _run_parts(config, rule, network, optimizer)
 
   def start(key, stream, hparams=None):
     run = parts(key, stream, hparams)
