@@ -540,12 +540,13 @@ def _run_parts(
 
     def initial_state() -> TrainState:
       params = net.init(init_key)
+      opt_state = opt().init(params)  # the optimiser made here: its -lr op where it always was
       memory = empty_memory(T, config.n_memories if rule.uses_memory else 1, D + int(net.tagged))
       zero = jnp.zeros((), jnp.int32)
       model_state = net.network.init_state() if net.network.stateful else None
       return TrainState(
         params,
-        opt().init(params),
+        opt_state,
         memory,
         zero,
         jnp.zeros((), bool),
