@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds is not None and "seed" in args.given:
       raise CljaxError("give --seeds (a count or a list) or --seed, not both.")
     seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    for flag in ("resume", "keep_checkpoints"):
+      if flag in args.given:
+        notes.append(f"--{flag} is a single run's: a sweep resumes from its records by itself")
     for name in ("devices", "workers"):
       if getattr(args, name) is not None and getattr(args, name) < 1:
         raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")

@@ -73,9 +73,11 @@ def test_a_rule_from_a_module_runs_from_the_cli(real_fashion_dir, rules_module):
 @pytest.mark.realdata
 def test_a_rule_from_a_module_runs_in_a_two_seed_sweep(real_fashion_dir, rules_module, capsys):
   argv = [*SHORT, "--data_path", real_fashion_dir, "--save_path", str(rules_module)]
-  argv += ["--rule", "my_rules:halve", "--seeds", "2", "--strategy", "map"]
+  argv += ["--rule", "my_rules:halve", "--seeds", "2", "--strategy", "map", "--resume"]
   assert sweep_cli.main(argv) == 0
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.out
+  assert "--resume is a single run's: a sweep resumes from its records by itself" in captured.err
   folder = rules_module / "sweeps" / "rule-my_rules.halve_fashion_mnist_permutations"
   assert f"sweep folder: {folder}" in out
   records = [n for n in os.listdir(folder / "runs") if n.endswith(".json")]
