@@ -13,19 +13,19 @@ the same program's state and outputs), so any pytree of arrays is saved as its f
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from cljax.data import quiet_absl
 from cljax.errors import CljaxError
 
 CHECKPOINTS = "checkpoints"
@@ -43,18 +43,6 @@ def fingerprint(settings: Mapping[str, Any], arrays: Any) -> str:
   return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-  """Orbax's info logs (absl) off while it writes or reads."""
-  logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.WARNING)
-  try:
-    yield
-  finally:
-    logger.setLevel(level)
-
-
 def _leaves(payload: Any) -> dict[str, np.ndarray]:
   return {f"{i:05d}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(payload))}
 
@@ -67,7 +55,7 @@ def save(folder: str, done: int, payload: Any, fp: str) -> str:
   path = os.path.join(root, f"task_{done}")
   if os.path.exists(path):
     shutil.rmtree(path)
-  with _quiet(), ocp.StandardCheckpointer() as checkpointer:
+  with quiet_absl(logging.WARNING), ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(os.path.join(path, "payload"), _leaves(payload))
     checkpointer.wait_until_finished()
   tmp = os.path.join(path, FINGERPRINT + ".tmp")
@@ -113,7 +101,7 @@ def restore(path: str, like: Any, fp: str) -> Any:
   leaves, treedef = jax.tree.flatten(like)
   target = {f"{i:05d}": jax.ShapeDtypeStruct(np.shape(a), a.dtype) for i, a in enumerate(leaves)}
   try:
-    with _quiet(), ocp.StandardCheckpointer() as checkpointer:
+    with quiet_absl(logging.WARNING), ocp.StandardCheckpointer() as checkpointer:
       restored = checkpointer.restore(os.path.join(path, "payload"), target)
   except Exception as e:  # a foreign or damaged folder: one line
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -425,15 +426,15 @@ def _reachable(url: str, timeout: float = _PROBE_TIMEOUT_S) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_absl():
-  """TFDS's absl warnings (e.g. an empty variant folder) off while cljax probes for the data."""
+def quiet_absl(level: int = logging.ERROR) -> Iterator[None]:
+  """Silences the absl logs (TFDS's, Orbax's) below level inside the block."""
   logger = logging.getLogger("absl")
-  level = logger.level
-  logger.setLevel(logging.ERROR)
+  before = logger.level
+  logger.setLevel(level)
   try:
     yield
   finally:
-    logger.setLevel(level)
+    logger.setLevel(before)
 
 
 def _check_obtainable(tfds, name: str, data_dir: str | None, download: bool) -> None:
@@ -444,7 +445,7 @@ def _check_obtainable(tfds, name: str, data_dir: str | None, download: bool) -> 
   (TFRecord, read through TensorFlow). Downloadable: `download` and the dataset's download
   server answers one HTTP request within _PROBE_TIMEOUT_S.
   """
-  with _quiet_absl():
+  with quiet_absl():
     try:
       tfds.data_source(name, split="test", data_dir=data_dir, download=False)
       return
