@@ -83,7 +83,9 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
   n_tasks = p.stream.train_idx.shape[0]
   steps, chunk, n_chunks = p.schedule
   key = jax.random.key(p.args.seed)
-  hp = train.default_hparams(p.config)  # an argument, as in a sweep: the same compiled program
+  hp = train.default_hparams(
+    p.config, p.rule
+  )  # an argument, as in a sweep: the same compiled program
   runner = train.make_task_runner(p.config, p.rule, network=p.network)
   t0 = time.perf_counter()
   pieces = _compile(runner, key, p.stream, hp, n_chunks)

@@ -75,24 +75,31 @@ def stream_axes() -> TaskStream:
   return TaskStream(*(0 if n in _PER_RUN_FIELDS else None for n in TaskStream._fields))
 
 
-def grid_hparams(config: Config, n_runs: int, **values: Sequence[float]) -> HParams:
-  """HParams with leading axis n_runs: each field from `values` (n_runs numbers) or the config's.
+def grid_hparams(
+  config: Config, n_runs: int, rule: Rule | None = None, **values: Sequence[float]
+) -> HParams:
+  """HParams with leading axis n_runs: each from `values` (n_runs numbers) or its default.
 
+  The defaults: the config's lr and memory_strength, and the rule's own (`Rule.hparams`).
   Example: grid_hparams(config, 4, lr=[0.01, 0.01, 0.03, 0.03]).
   """
-  unknown = set(values) - set(HParams._fields)
+  own = dict(rule.hparams) if rule is not None and rule.hparams else {}
+  names = ("lr", "memory_strength", *own)
+  unknown = set(values) - set(names)
   if unknown:
     raise CljaxError(
-      f"cannot sweep {sorted(unknown)} in one compile: only {', '.join(HParams._fields)} are "
-      "traced; other settings change shapes or the program (variant, n_memories, n_tasks, ...)."
+      f"cannot sweep {sorted(unknown)} in one compile: only {', '.join(names)} are traced; other "
+      "settings change shapes or the program (variant, n_memories, n_tasks, ...)."
     )
-  fields = []
-  for name in HParams._fields:
-    v = np.asarray(values.get(name, [getattr(config, name)] * n_runs), np.float32)
+  arrays = {}
+  for name in names:
+    default = own[name] if name in own else getattr(config, name)
+    v = np.asarray(values.get(name, [default] * n_runs), np.float32)
     if v.shape != (n_runs,):
       raise CljaxError(f"{name} needs {n_runs} values (one per run), got shape {v.shape}.")
-    fields.append(jnp.asarray(v))
-  return HParams(*fields)
+    arrays[name] = jnp.asarray(v)
+  extra = {name: arrays[name] for name in own} or None
+  return HParams(arrays["lr"], arrays["memory_strength"], extra)
 
 
 def default_strategy(platform: str | None = None) -> str:
@@ -178,9 +185,10 @@ def make_sweep(
           f"{n_runs} keys but {getattr(streams, name).shape[0]} streams: use stack_streams "
           "with one stream per run."
         )
-    for name, value in hparams._asdict().items():
+    for path, value in jax.tree_util.tree_leaves_with_path(hparams):
       if jnp.shape(value) != (n_runs,):
-        raise CljaxError(f"hparams.{name} needs shape ({n_runs},), got {jnp.shape(value)}.")
+        name = jax.tree_util.keystr(path)
+        raise CljaxError(f"hparams{name} needs shape ({n_runs},), got {jnp.shape(value)}.")
     index = jnp.arange(n_runs, dtype=jnp.int32)
     if len(devices) == 1:
       return local(index, keys, streams, hparams)

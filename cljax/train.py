@@ -333,10 +333,13 @@ class RunResult(NamedTuple):
   model_state: Any = None
 
 
-def default_hparams(config: Config) -> HParams:
-  """The config's lr and memory_strength as float32 arrays."""
+def default_hparams(config: Config, rule: Rule | None = None) -> HParams:
+  """The config's lr and memory_strength, and the rule's own defaults (`Rule.hparams`), float32."""
+  extra = None
+  if rule is not None and rule.hparams:
+    extra = {name: jnp.asarray(v, jnp.float32) for name, v in rule.hparams.items()}
   return HParams(
-    jnp.asarray(config.lr, jnp.float32), jnp.asarray(config.memory_strength, jnp.float32)
+    jnp.asarray(config.lr, jnp.float32), jnp.asarray(config.memory_strength, jnp.float32), extra
   )
 
 
@@ -509,7 +512,9 @@ def _run_parts(
   evaluate = make_evaluate(config, network)
 
   def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
-    hp = default_hparams(config) if hparams is None else hparams
+    hp = default_hparams(config, rule) if hparams is None else hparams
+    if rule.hparams and hp.extra is None:  # the rule's own at their defaults
+      hp = hp._replace(extra=default_hparams(config, rule).extra)
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)

@@ -6,8 +6,8 @@ steps of a task and at its end: 61 in all), through the engine's own compiled ru
 
   a, b      a training step costs a + b t at task t (t past tasks: GEM's memory gradients over
             t x 256 examples, and the GEM code's memory passes through BatchNorm): fitted from
-            two runs of one step per task, T = 1 (a) and T = 5 (5 a + 10 b), each minus its
-            evaluations (timed apart)
+            two runs, T = 1 of 10 steps (10 a) and T = 5 of one step per task (5 a + 10 b), each
+            with 10 test images (their evaluations, timed apart, subtracted)
   eval      one evaluation: every task's 10,000 test images, one pass of the shared network
   run       what a whole run implies: 250 (20 a + 190 b) + 61 eval
 
@@ -90,10 +90,12 @@ def run_seconds(config, network, s, repeats: int) -> tuple[float, float]:
 
 def measure(variant: str, dataset, repeats: int) -> dict:
   config, network = setup(variant)
-  one, five = (stream(dataset, n, config.batch_size, test_samples=100) for n in (1, 5))
+  one = stream(dataset, 1, 10 * config.batch_size, test_samples=10)
+  five = stream(dataset, 5, config.batch_size, test_samples=10)
   compile_s, t1 = run_seconds(config, network, one, repeats)
   _, t5 = run_seconds(config, network, five, repeats)
-  a, b = t1, (t5 - 5 * t1) / 10
+  a = t1 / 10
+  b = (t5 - 5 * a) / 10
   full = stream(dataset, T_FULL, config.batch_size)
   key = jax.random.key(0)
   params = jax.jit(network.init)(key)

@@ -11,12 +11,15 @@ import os
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from cljax import __main__ as cli
-from cljax import run_folder, sweep_cli
+from cljax import rules, run_folder, sweep_cli
+from cljax.errors import CljaxError
+from cljax.sweep import grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, make_train
 
 RULES = textwrap.dedent(
@@ -113,3 +116,30 @@ def test_adam_through_the_engine(real_stream):
   sgd = jax.jit(make_train(dataclasses.replace(by_name, optimizer="sgd")))(key, real_stream)
   assert not np.array_equal(adam.acc, sgd.acc) and bool(np.all(adam.finite))
   assert np.all(np.asarray(adam.acc)[np.arange(3), np.arange(3)] > 0.3)  # it learns each task
+
+
+def scaled_sgd() -> rules.Rule:
+  """A rule with a traced hyper-parameter of its own: g times `scale`."""
+
+  def update(g, ctx, state):
+    scale = ctx.hparams.extra["scale"]
+    return jax.tree.map(lambda a: scale * a, g), rules.no_projection(), state
+
+  return rules.Rule(
+    init=lambda p, t: None, update=update, uses_memory=False, hparams={"scale": 1.0}
+  )
+
+
+@pytest.mark.realdata
+def test_a_rules_own_hyper_parameter_is_swept_in_one_compile(real_stream):
+  config = Config(variant="single", lr=0.02, log_every=0)
+  rule = scaled_sgd()
+  hp = grid_hparams(config, 2, rule, scale=[0.5, 1.0])
+  keys = jax.vmap(jax.random.key)(jnp.asarray([0, 0]))
+  sweep = jax.jit(make_sweep(config, strategy="map", rule=rule, devices=jax.devices()[:1]))
+  both = sweep(keys, stack_streams([real_stream, real_stream]), hp)  # one program, two scales
+  for i, lr in enumerate((0.01, 0.02)):  # x 0.5 is exact: scale 0.5 is single at half the lr
+    plain = jax.jit(make_train(dataclasses.replace(config, lr=lr)))(jax.random.key(0), real_stream)
+    np.testing.assert_array_equal(np.asarray(both.acc[i]), np.asarray(plain.acc))
+  with pytest.raises(CljaxError, match=r"cannot sweep \['temperature'\]"):
+    grid_hparams(config, 2, rule, temperature=[1.0, 2.0])

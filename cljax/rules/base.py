@@ -15,7 +15,7 @@ gradients from it. The engine (`cljax.train.make_train`) applies SGD to g_new.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -27,10 +27,14 @@ PyTree = Any
 
 
 class HParams(NamedTuple):
-  """Hyper-parameters that do not change shapes: traced, so a sweep over them compiles once."""
+  """Hyper-parameters that do not change shapes: traced, so a sweep over them compiles once.
+
+  extra: a rule's own (`Rule.hparams`), name -> () array; None when it declares none.
+  """
 
   lr: jax.Array  # () SGD learning rate
   memory_strength: jax.Array  # () GEM's margin
+  extra: dict[str, jax.Array] | None = None
 
 
 class StepContext(NamedTuple):
@@ -88,7 +92,9 @@ class Rule(NamedTuple):
   summary(state) -> a pytree recorded at each task end before end_task (`RunResult.h`), or None;
   uses_memory: whether the engine fills the episodic memory (else it keeps one unused slot);
   memory_writes: how it fills it, "ring" (GEM's ring buffer per task, `cljax.memory.write_memory`,
-  before the step) or "reservoir" (one pool over all tasks, `write_reservoir`, after the step).
+  before the step) or "reservoir" (one pool over all tasks, `write_reservoir`, after the step);
+  hparams: the rule's own traced hyper-parameters, name -> default (read as
+  `ctx.hparams.extra[name]`; a sweep over them compiles once), or None.
   """
 
   init: Callable[[PyTree, int], Any]
@@ -97,6 +103,7 @@ class Rule(NamedTuple):
   summary: Callable[[Any], Any] | None = None
   uses_memory: bool = True
   memory_writes: str = "ring"
+  hparams: Mapping[str, float] | None = None
 
 
 def stateless(
