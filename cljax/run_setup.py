@@ -252,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
       kind = _boolean if isinstance(default, bool) else str
       _add(grouped, name, type=kind, default=default, help=help)
 
-  own = p.add_argument_group("cljax's flags")
+  _add_own_flags(p.add_argument_group("cljax's flags"), d)
+  return p
+
+
+def _add_own_flags(own, d: Mapping[str, Any]) -> None:
+  """Adds the flags of cljax's own (not the GEM code's): presets, data, network, rule, runs."""
   _add(
     own,
     "preset",
@@ -352,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     f"persistent compilation cache in ${compile_cache.CACHE_DIR_ENV}, else "
     f"${compile_cache.JAX_CACHE_DIR_ENV}, else $XDG_CACHE_HOME/cljax or ~/.cache/cljax)",
   )
-  return p
 
 
 def data_file_settings(data_file: str) -> tuple[str, str]:

@@ -326,23 +326,9 @@ def make_stream(
   classes = None
   if protocol == "split":
     c = spec.classes_per_task if classes_per_task is None else classes_per_task
-    c = _check_int(c, "classes_per_task", minimum=1)
     n_classes = max(spec.n_classes, int(max(train_y.max(), test_y.max())) + 1)
-    most = n_classes // c
-    if most < 1:
-      raise CljaxError(f"classes_per_task {c} exceeds the dataset's {n_classes} classes.")
-    if n_tasks is not None and n_tasks > most:
-      raise CljaxError(
-        f"split with {c} classes per task has at most {most} tasks ({n_classes} classes), got "
-        f"n_tasks {n_tasks}: lower n_tasks or classes_per_task."
-      )
-    n_tasks = most if n_tasks is None else n_tasks
-    order = np.arange(n_classes)
-    if class_order == "random":
-      order = _rng(seed, _RNG_TRANSFORMS).permutation(n_classes)
-    position = np.empty(n_classes, np.int64)
-    position[order] = np.arange(n_classes)  # class k is the position[k]-th of the order
-    classes = position[None, :] // c == np.arange(n_tasks)[:, None]  # (T, C)
+    classes = split_classes(n_classes, c, n_tasks, class_order=class_order, seed=seed)
+    n_tasks = classes.shape[0]
     maps = [permutation_transform(np.arange(n_pixels))] * n_tasks
   elif protocol == "permutations":
     maps = [permutation_transform(p) for p in task_permutations(n_tasks, n_pixels, seed=seed)]
@@ -379,6 +365,35 @@ def make_stream(
     classes=None if classes is None else jnp.asarray(classes),
     norm=None if spec.mean is None else jnp.asarray(_normalisation(spec, image_shape)),
   )
+
+
+def split_classes(
+  n_classes: int, classes_per_task: int, n_tasks: int | None, *, class_order: str, seed: int
+) -> np.ndarray:
+  """(T, C) bool: task t holds the classes at positions [t c, (t + 1) c) of the class order.
+
+  The order is the labels' ("label") or a permutation drawn from the seed ("random"); n_tasks
+  None takes all C // c tasks.
+
+  Raises:
+    CljaxError: c < 1 or > C, or more tasks than C // c.
+  """
+  c = _check_int(classes_per_task, "classes_per_task", minimum=1)
+  most = n_classes // c
+  if most < 1:
+    raise CljaxError(f"classes_per_task {c} exceeds the dataset's {n_classes} classes.")
+  if n_tasks is not None and n_tasks > most:
+    raise CljaxError(
+      f"split with {c} classes per task has at most {most} tasks ({n_classes} classes), got "
+      f"n_tasks {n_tasks}: lower n_tasks or classes_per_task."
+    )
+  n_tasks = most if n_tasks is None else n_tasks
+  order = np.arange(n_classes)
+  if class_order == "random":
+    order = _rng(seed, _RNG_TRANSFORMS).permutation(n_classes)
+  position = np.empty(n_classes, np.int64)
+  position[order] = np.arange(n_classes)  # class k is the position[k]-th of the order
+  return position[None, :] // c == np.arange(n_tasks)[:, None]
 
 
 def _normalisation(spec, image_shape: tuple[int, ...]) -> np.ndarray:
