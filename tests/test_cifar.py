@@ -23,6 +23,7 @@ import pytest
 from cljax import __main__ as cli
 from cljax import data, networks, run_folder, tasks
 from cljax.errors import CljaxError
+from cljax.sweep import stack_streams
 from cljax.train import Config, make_evaluate, make_train
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -294,3 +295,20 @@ def test_what_the_resnet_cannot_do_is_refused_in_one_line(
   lines = [x for x in err.splitlines() if x.startswith("cljax: error: ")]
   assert status == 2 and len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
   assert os.listdir(tmp_path) == []
+
+
+def test_a_sweep_refuses_seeds_with_their_own_random_class_orders(small_dataset):
+  streams = [
+    tasks.make_stream(
+      small_dataset,
+      protocol="split",
+      n_tasks=2,
+      samples_per_task=5,
+      seed=seed,
+      class_order="random",
+    )
+    for seed in (0, 1)
+  ]
+  assert not np.array_equal(streams[0].classes, streams[1].classes)
+  with pytest.raises(CljaxError, match=r"differ in their split's classes \(a random class order"):
+    stack_streams(streams)

@@ -17,6 +17,7 @@ import pytest
 
 from cljax import __main__ as cli
 from cljax import checkpoints, run_folder
+from cljax.errors import CljaxError
 from cljax.train import Config, make_task_runner, make_train, schedule, stack
 
 SHORT = ["--model", "agem", "--n_tasks", "4", "--samples_per_task", "100", "--log_every", "50"]
@@ -105,3 +106,16 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(real_fashion_dir,
   lines = [x for x in err.splitlines() if x.startswith("cljax: error: ")]
   assert len(lines) == 1 and "written under other settings or another stream" in lines[0], err
   assert "Traceback" not in err
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path):
+  path = tmp_path / "checkpoints" / "task_1"
+  (path / "payload").mkdir(parents=True)  # the fingerprint matches, the payload is not Orbax's
+  (path / checkpoints.FINGERPRINT).write_text(json.dumps({"fingerprint": "abc", "tasks_done": 1}))
+  assert checkpoints.latest(str(tmp_path)) == (1, str(path))
+  like = {"a": jax.ShapeDtypeStruct((3,), np.float32)}
+  with pytest.raises(CljaxError, match="cannot read the checkpoint in") as info:
+    checkpoints.restore(str(path), like, "abc")
+  assert "\n" not in str(info.value)
+  with pytest.raises(CljaxError, match="written under other settings or another stream"):
+    checkpoints.restore(str(path), like, "another")
