@@ -527,7 +527,11 @@ def train_config(args: argparse.Namespace, network: Network | None = None) -> tr
   results.json records.
   """
   fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
-  return train.resolve_config(train.Config(**fields, grouped=grouped_config(args)), network)
+  config = train.Config(**fields, grouped=grouped_config(args))
+  if args.rule is None:  # the variant's needs of the network, before its settings are resolved
+    rule, name = train.rule_and_name(config, None)
+    train.check_network(rule, network, name)
+  return train.resolve_config(config, network)
 
 
 def rule_for(args: argparse.Namespace, config: train.Config) -> Rule | None:

@@ -27,7 +27,7 @@ from cljax.errors import CljaxError
 from cljax.networks import Network
 from cljax.rules.base import Rule
 from cljax.tasks import TaskStream
-from cljax.train import GROUPED_VARIANTS, Config, HParams, RunResult, make_train
+from cljax.train import Config, HParams, RunResult, make_train, rule_and_name
 
 STRATEGIES = ("map", "vmap")
 _PER_RUN_FIELDS = ("train_idx", "pix_idx", "pix_w")  # what differs between seeds' streams
@@ -146,12 +146,13 @@ def make_sweep(
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise CljaxError("make_sweep needs at least one device.")
-  if config.variant in GROUPED_VARIANTS and len(devices) > 1 and devices[0].platform == "cpu":
+  resolved, name = rule_and_name(config, rule)
+  if not resolved.cpu_devices and len(devices) > 1 and devices[0].platform == "cpu":
     # Each device's program would run its LAPACK eigh (the relatedness) at the same time; each
     # call blocks a thread of XLA's shared CPU pool while its batch waits for that pool: with as
     # many devices as threads, no thread is left and the sweep hangs (seen with 2 devices).
     raise CljaxError(
-      f"{config.variant} cannot be split across {len(devices)} CPU devices (their concurrent "
+      f"{name} cannot be split across {len(devices)} CPU devices (their concurrent "
       "eigendecompositions deadlock XLA's CPU thread pool): use one CPU device, or the sweep "
       "CLI's --strategy processes (its CPU default)."
     )

@@ -369,22 +369,8 @@ def resolve_config(config: Config, network: Network | None = None) -> Config:
   else "explicit"; what a run records (`results.json`'s train_config).
 
   Raises:
-    CljaxError: memory_grads "factored" for a network it cannot take, a grouped variant on a
-      network other than cljax's MLP (it groups the MLP's hidden units), or independent's
-      per-task copies of a stateful network. One line each.
+    CljaxError: memory_grads "factored" for a network it cannot take (one line).
   """
-  if network is not None and not network.mlp and config.variant in GROUPED_VARIANTS:
-    raise CljaxError(
-      f"{config.variant} groups the hidden Dense units of cljax's MLP, which a "
-      f"{type(network.module).__name__} does not have: use another variant, or the MLP "
-      "(network None)."
-    )
-  if network is not None and network.stateful and registry.per_task_networks(config.variant):
-    raise CljaxError(
-      f"{config.variant} trains one {type(network.module).__name__} per task, and its state "
-      f"({', '.join(network.state)}) is not carried per task: use a network without, or another "
-      "variant."
-    )
   dense = network is None or network.dense_only
   if config.memory_grads == "factored" and not dense:
     raise CljaxError(
@@ -396,14 +382,47 @@ def resolve_config(config: Config, network: Network | None = None) -> Config:
   return dataclasses.replace(config, memory_grads="factored" if dense else "explicit")
 
 
-def make_evaluate(config: Config, network: Network | None = None) -> Callable[..., jax.Array]:
+def check_network(rule: Rule, network: Network | None, name: str = "the rule") -> None:
+  """Refuse, in one line, a network that the rule's declared needs rule out.
+
+  `Rule.hidden_units`: cljax's MLP only; `Rule.networks` per task: no network state. name: the
+  rule's, for the message. None (cljax's MLP) fits every rule.
+  """
+  if network is None:
+    return
+  if rule.hidden_units and not network.mlp:
+    raise CljaxError(
+      f"{name} groups the hidden Dense units of cljax's MLP, which a "
+      f"{type(network.module).__name__} does not have: use another variant, or the MLP "
+      "(network None)."
+    )
+  if network.stateful and rule.networks != "shared":
+    raise CljaxError(
+      f"{name} trains one {type(network.module).__name__} per task, and its state "
+      f"({', '.join(network.state)}) is not carried per task: use a network without, or another "
+      "variant."
+    )
+
+
+def rule_and_name(config: Config, rule: Rule | None) -> tuple[Rule, str]:
+  """The run's rule (None: the config's built-in variant) and its name in messages."""
+  if rule is None:
+    return registry.rule_for(config), config.variant
+  return rule, "the rule"
+
+
+def make_evaluate(
+  config: Config, network: Network | None = None, rule: Rule | None = None
+) -> Callable[..., jax.Array]:
   """Return evaluate(params, stream, model_state=None) -> (T,) test accuracy on every task.
 
-  network: the run's `Network` (None: the config's MLP); model_state: a stateful network's
-  (its running averages, read in evaluation mode; None: their initial values). Pure; the caller
-  jits.
+  network: the run's `Network` (None: the config's MLP); rule: the run's (None: the config's
+  variant's), whose `networks` says one network or one per task; model_state: a stateful
+  network's (its running averages, read in evaluation mode; None: their initial values). Pure;
+  the caller jits.
   """
-  per_task = registry.per_task_networks(config.variant)
+  rule, _ = rule_and_name(config, rule)
+  per_task = rule.networks != "shared"
 
   def evaluate(params, stream: tasks.TaskStream, model_state: Any = None) -> jax.Array:
     """(T,) test accuracy on every task, in batches of eval_batch_size test examples.
@@ -418,7 +437,7 @@ def make_evaluate(config: Config, network: Network | None = None) -> Callable[..
     its head (`networks`).
     """
     T, n_test = stream.pix_idx.shape[0], stream.test_x.shape[0]
-    net = network_of(config, T, stream.test_x.shape[1], stream.classes, network).network
+    net = network_of(config, T, stream.test_x.shape[1], stream.classes, network, rule).network
     if net.stateful and model_state is None:
       model_state = net.init_state()
     bs = min(config.eval_batch_size, n_test)
@@ -503,13 +522,15 @@ def _run_parts(
   config: Config, rule: Rule | None, network: Network | None, optimizer: Optimizer | None = None
 ):
   """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
+  declared, name = rule_and_name(config, rule)  # memory_grads auto as factored: what it declares
+  check_network(declared, network, name)
   config = resolve_config(config, network)
-  rule = registry.rule_for(config) if rule is None else rule
+  rule = registry.rule_for(config) if rule is None else rule  # with memory_grads resolved
   if rule.memory_writes not in ("ring", "reservoir"):
     raise CljaxError(
       f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
     )
-  evaluate = make_evaluate(config, network)
+  evaluate = make_evaluate(config, network, rule)
 
   def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
     hp = default_hparams(config, rule) if hparams is None else hparams
@@ -518,7 +539,7 @@ def _run_parts(
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
-    net = network_of(config, T, D, stream.classes, network)
+    net = network_of(config, T, D, stream.classes, network, rule, name)
     apply = net.apply
 
     def batch_loss(params, x, y):
@@ -609,7 +630,7 @@ def _run_parts(
       return state, (evaluate(state.params, stream, state.model_state), state.step, stats)
 
     def start_task(state: TrainState, t) -> TrainState:
-      if net.per_task and config.finetune == "yes":
+      if rule.networks == "per_task_finetune":
         state = state._replace(params=finetune_start(state.params, t))
       return state
 
@@ -770,21 +791,26 @@ def network_of(
   dim: int,
   classes: jax.Array | None = None,
   network: Network | None = None,
+  rule: Rule | None = None,
+  name: str | None = None,
 ) -> TaskNetwork:
   """The run's `cljax.networks.TaskNetwork`: network (None: the config's MLP) over its tasks.
 
-  Per task for the variants that ask for it (independent), with a head per task on a split
-  stream (classes); the grouped variants read the hidden units themselves and have neither.
+  Per task for a rule that declares it (`Rule.networks`: independent), with a head per task on a
+  split stream (classes); a rule reading the hidden units itself (`Rule.hidden_units`: the
+  grouped variants) has neither. rule None: the config's variant's; name: the rule's in messages.
 
   Raises:
-    CljaxError: a grouped variant on a split stream, or a network that does not fit the stream.
+    CljaxError: a hidden-units rule on a split stream, or a network that does not fit the stream.
   """
-  if classes is not None and config.variant in GROUPED_VARIANTS:
+  rule, default_name = rule_and_name(config, rule)
+  name = default_name if name is None else name
+  if classes is not None and rule.hidden_units:
     raise CljaxError(
-      f"{config.variant} reads the network's hidden units itself and has no multi-head form: use "
+      f"{name} reads the network's hidden units itself and has no multi-head form: use "
       "protocol permutations or rotations, or another variant."
     )
-  per_task = registry.per_task_networks(config.variant)
+  per_task = rule.networks != "shared"
   if network is None:
     network = mlp_network(
       config.n_hiddens,

@@ -242,3 +242,21 @@ def test_a_grouped_variant_refuses_another_network_in_one_line(variant):
   with pytest.raises(CljaxError, match=f"{variant} groups the hidden Dense units") as info:
     make_train(Config(variant=variant), network=cnn())
   assert "SmallCNN" in one_line(info)
+
+
+def test_the_engine_reads_what_a_rule_declares_not_its_name(stream):
+  """independent as a rule handed to a `single` config is the built-in independent, bit for bit:
+  the per-task networks and the finetune start come from `Rule.networks`, not the variant."""
+  from cljax import rules
+
+  for finetune in ("no", "yes"):
+    built_in = jax.jit(make_train(config("independent", finetune=finetune)))
+    declared = jax.jit(make_train(config("single"), rules.independent(finetune == "yes")))
+    a, b = built_in(jax.random.key(1), stream), declared(jax.random.key(1), stream)
+    np.testing.assert_array_equal(np.asarray(a.acc), np.asarray(b.acc))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  hidden = rules.single()._replace(hidden_units=True)  # a rule reading the MLP's hidden units
+  with pytest.raises(CljaxError, match="the rule groups the hidden Dense units") as info:
+    make_train(config("single"), hidden, network=cnn())
+  one_line(info)

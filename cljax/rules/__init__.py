@@ -4,9 +4,10 @@
     rule = rules.agem_rule(rules.task_mean(), rules.per_task(), rules.unconditional())
     train = cljax.make_train(config, rule=rule)
 
-Built in: `single`, `gem`, the A-GEM family from its pieces (`agem_rule` of a reference row, a
-trigger and a projection), the grouped variants (`grouped`), the baselines `ewc` and `er`;
-`registry.VARIANTS` names them.
+Built in: `single`, `independent`, `gem`, the A-GEM family from its pieces (`agem_rule` of a
+reference row, a trigger and a projection), the grouped variants (`grouped`), the baselines `ewc`
+and `er`; `registry.VARIANTS` names them. What a rule needs of the network it declares
+(`Rule.networks`, `Rule.hidden_units`): the engine never asks for a rule's name.
 """
 
 from cljax.rules.agem import (
@@ -31,6 +32,7 @@ from cljax.rules.base import (
   StepContext,
   TaskEndContext,
   closed_form_stats,
+  independent,
   no_projection,
   qp_stats,
   single,
@@ -58,6 +60,7 @@ __all__ = [
   "ewc",
   "gem",
   "grouped",
+  "independent",
   "no_projection",
   "one_row_qp",
   "per_task",

@@ -95,6 +95,14 @@ class Rule(NamedTuple):
   before the step) or "reservoir" (one pool over all tasks, `write_reservoir`, after the step);
   hparams: the rule's own traced hyper-parameters, name -> default (read as
   `ctx.hparams.extra[name]`; a sweep over them compiles once), or None.
+
+  What it needs of the network, declared (the engine reads these, never a rule's name):
+  networks: "shared" (one network), "per_task" (one per task, a head per task on a split
+  stream: GEM's independent) or "per_task_finetune" (the same, network t starting as t - 1);
+  hidden_units: it reads the hidden units of cljax's MLP itself (the grouped rules): cljax's MLP
+  only, one shared network, no multi-head form;
+  cpu_devices: whether one program may split its runs across several CPU devices (False: its
+  steps block XLA's CPU threads, a LAPACK call, and a sweep must not).
   """
 
   init: Callable[[PyTree, int], Any]
@@ -104,6 +112,12 @@ class Rule(NamedTuple):
   uses_memory: bool = True
   memory_writes: str = "ring"
   hparams: Mapping[str, float] | None = None
+  networks: str = "shared"
+  hidden_units: bool = False
+  cpu_devices: bool = True
+
+
+NETWORKS = ("shared", "per_task", "per_task_finetune")  # what `Rule.networks` may declare
 
 
 def stateless(
@@ -155,3 +169,8 @@ def when_past(
 def single() -> Rule:
   """Plain SGD on the current task: g unchanged, no memory (GEM's "single")."""
   return stateless(lambda g, ctx: (g, no_projection()), uses_memory=False)
+
+
+def independent(finetune: bool = False) -> Rule:
+  """GEM's independent: plain SGD on one network per task; finetune: network t starts as t - 1."""
+  return single()._replace(networks="per_task_finetune" if finetune else "per_task")

@@ -120,4 +120,11 @@ def grouped(
   def task_end(state, end: TaskEndContext):
     return end_task(state, config, end.t, end.params, end.key)  # groups after task 0
 
-  return Rule(init=init, update=update, end_task=task_end, summary=lambda state: state.h)
+  return Rule(
+    init=init,
+    update=update,
+    end_task=task_end,
+    summary=lambda state: state.h,
+    hidden_units=True,
+    cpu_devices=False,  # the relatedness's eigh (`Rule.cpu_devices`)
+  )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from cljax.rules import agem
-from cljax.rules.base import Rule, single
+from cljax.rules.base import Rule, independent, single
 from cljax.rules.er import er
 from cljax.rules.ewc import ewc
 from cljax.rules.gem import gem
@@ -47,15 +47,14 @@ AGEM_RULES = {
 class Variant(NamedTuple):
   """A built-in variant (`VARIANTS`).
 
-  make(config) -> Rule; reads(agem_ref, projection) -> the settings read; per_task_networks: one
-  network per task (`cljax.networks`), else one shared.
+  make(config) -> Rule; reads(agem_ref, projection) -> the settings read. What a rule needs of
+  the network it declares itself (`Rule.networks`, `Rule.hidden_units`).
   """
 
   name: str
   help: str
   make: Callable[[Any], Rule]
   reads: Callable[[str, str | None], frozenset[str]]
-  per_task_networks: bool = False
 
 
 def agem_pieces(config: Any) -> tuple[str, str, str]:
@@ -132,9 +131,8 @@ VARIANTS: dict[str, Variant] = {
     "independent",
     "one network of n_hiddens / n_tasks units per task, plain SGD (GEM's independent; "
     "--finetune yes starts network t from t - 1)",
-    lambda c: single(),
+    lambda c: independent(c.finetune == "yes"),
     _fixed("finetune"),
-    per_task_networks=True,
   ),
   "gem": Variant(
     "gem",
@@ -181,11 +179,6 @@ def rule_for(config: Any) -> Rule:
   if getattr(config, "memory_grads", None) == "auto":
     config = dataclasses.replace(config, memory_grads="factored")
   return VARIANTS[config.variant].make(config)
-
-
-def per_task_networks(variant: str) -> bool:
-  """Whether the variant trains one network per task (independent)."""
-  return VARIANTS[variant].per_task_networks
 
 
 def settings_read(variant: str, agem_ref: str = "pooled", projection: str | None = None):
