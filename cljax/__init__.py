@@ -34,7 +34,7 @@ from cljax.qp import QPInfo, kkt_residuals, solve_box_qp
 from cljax.rules import HParams, Rule, StepContext
 from cljax.sweep import make_sweep
 from cljax.tasks import TaskStream, eval_set, make_stream, train_batch
-from cljax.train import Config, RunResult, TaskCounters, make_train
+from cljax.train import Config, RunResult, make_train
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,6 @@ __all__ = [
   "RunResult",
   "Split",
   "StepContext",
-  "TaskCounters",
   "TaskStream",
   "agem_project",
   "eval_set",

@@ -94,9 +94,10 @@ def make_record(
 
   Keys: schema, variant, config (`settings`: every flag's value), train_config (the `Config`),
   n_tasks, matrix (T, T), baseline (T,), curves {accuracy (T, C, T), step (T, C)}, counters
-  {name: (T,)} (the `TaskCounters`), finite (T,), diverged_at_task (int or null), gem_stats
-  {final, backward, forward}, paper_stats {acc, bwt, fwt, forgetting}, seed_line, versions,
-  timings (seconds), device, then `extra` (e.g. stream, schedule, unused_flags, compile_cache).
+  {name: (T,)} (the engine's steps and mean_loss, then the rule's own: `RunResult.counters`),
+  finite (T,), diverged_at_task (int or null), gem_stats {final, backward, forward},
+  paper_stats {acc, bwt, fwt, forgetting}, seed_line, versions, timings (seconds), device, then
+  `extra` (e.g. stream, schedule, unused_flags, compile_cache).
 
   Non-finite numbers (e.g. the loss of a diverged run) become null, so the file is strict JSON.
 
@@ -120,7 +121,7 @@ def make_record(
     "matrix": R,
     "baseline": b,
     "curves": {"accuracy": np.asarray(result.curve), "step": np.asarray(result.curve_step)},
-    "counters": {k: np.asarray(v) for k, v in result.counters._asdict().items()},
+    "counters": {k: np.asarray(v) for k, v in result.counters.items()},
     "finite": np.asarray(result.finite),
     "diverged_at_task": diverged_at(result.finite),
     "gem_stats": gem._asdict(),

@@ -172,20 +172,43 @@ def folder_records(folder: str | os.PathLike, fp: str) -> list[dict[str, Any]]:
   return out
 
 
-def projected_fraction(record: Mapping[str, Any]) -> float:
-  """The fraction of steps that changed the gradient, over the tasks that have past tasks (1..)."""
+ENGINE_COUNTERS = ("steps", "mean_loss")  # `cljax.train.ENGINE_COUNTERS`: not the rule's
+
+
+def counter_value(record: Mapping[str, Any], name: str) -> float:
+  """One run's value of its rule's counter `name` (`cljax.rules.Counters`) over tasks 1...
+
+  Tasks 1.. are those with past tasks. A `*_max` counter's largest, a `*_mean` counter's mean,
+  any other per step (its sum over the steps; a count of steps, e.g. projections, is the
+  fraction of steps).
+  """
   counters = record["counters"]
+  values = np.asarray(counters[name][1:], dtype=np.float64)
+  if not values.size:
+    return 0.0
+  if name.endswith("_max"):
+    return float(values.max())
+  if name.endswith("_mean"):
+    return float(values.mean())
   steps = float(np.sum(counters["steps"][1:]))
-  return float(np.sum(counters["projections"][1:])) / steps if steps else 0.0
+  return float(values.sum()) / steps if steps else 0.0
+
+
+def rule_counters(records: Iterable[Mapping[str, Any]]) -> list[str]:
+  """The names of the counters the records' rule reported (sorted)."""
+  return sorted({k for r in records for k in r["counters"]} - set(ENGINE_COUNTERS))
 
 
 def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """One row per setting: n, seeds, mean and sample std (ddof 1) of each metric, diverged runs.
 
   Metrics: GEM's Final / Backward / Forward, the average forgetting (Chaudhry et al. 2018,
-  `metrics.paper_stats`) and the fraction of steps projected. Diverged runs
+  `metrics.paper_stats`), and under "counters" each counter the rule reported
+  (`counter_value`: e.g. projections, the fraction of steps projected). Diverged runs
   (non-finite parameters) are counted and left out of the means.
   """
+  records = list(records)
+  names = rule_counters(records)
   groups: dict[tuple[float, float], list[Mapping[str, Any]]] = {}
   for r in records:
     s = r["sweep"]["setting"]
@@ -201,15 +224,20 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     }
     values = {m: [r["gem_stats"][m] for r in ok] for m in METRICS}
     values["forgetting"] = [r["paper_stats"]["forgetting"] for r in ok]
-    values["projected"] = [projected_fraction(r) for r in ok]
+    counters = {n: [counter_value(r, n) for r in ok if n in r["counters"]] for n in names}
     for name, v in values.items():
-      a = np.asarray([x for x in v if x is not None], dtype=np.float64)
-      row[name] = {
-        "mean": float(a.mean()) if a.size else None,
-        "std": float(a.std(ddof=1)) if a.size > 1 else None,
-      }
+      row[name] = _mean_std(v)
+    row["counters"] = {name: _mean_std(v) for name, v in counters.items()}
     rows.append(row)
   return rows
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
+  a = np.asarray([x for x in values if x is not None], dtype=np.float64)
+  return {
+    "mean": float(a.mean()) if a.size else None,
+    "std": float(a.std(ddof=1)) if a.size > 1 else None,
+  }
 
 
 def format_mean_std(cell: Mapping[str, float | None], digits: int = 4) -> str:
@@ -221,21 +249,29 @@ def format_mean_std(cell: Mapping[str, float | None], digits: int = 4) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
-  """The summary table: one line per setting."""
+  """The summary table: one line per setting, a column per counter the rule reported."""
+  names = sorted({n for row in rows for n in row.get("counters", {})})
+  head = ["lr", "memory_strength", "n", "Final", "Backward", "Forward", "forgetting", *names]
   lines = [
     f"# {title}",
     "",
     "Mean +- sample std (ddof 1) over seeds; GEM's Final / Backward / Forward (cljax.metrics); "
     "forgetting: mean over past tasks of the best earlier accuracy minus the final one "
-    "(Chaudhry et al. 2018); projected: fraction of the steps of tasks 1.. that changed the "
-    "gradient.",
+    "(Chaudhry et al. 2018)"
+    + (
+      "; then the rule's counters over tasks 1..: per step (a count of steps, e.g. projections: "
+      "the fraction of steps), the largest for *_max, the mean for *_mean."
+      if names
+      else "."
+    ),
     "",
-    "| lr | memory_strength | n | Final | Backward | Forward | forgetting | projected | diverged |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| " + " | ".join([*head, "diverged"]) + " |",
+    "| " + " | ".join(["---"] * (len(head) + 1)) + " |",
   ]
   for row in rows:
     s = row["setting"]
-    cells = [format_mean_std(row[m]) for m in (*METRICS, "forgetting", "projected")]
+    cells = [format_mean_std(row[m]) for m in (*METRICS, "forgetting")]
+    cells += [format_mean_std(row["counters"].get(n, _mean_std([]))) for n in names]
     lines.append(
       f"| {s['lr']:g} | {s['memory_strength']:g} | {row['n']} | " + " | ".join(cells) + f" | "
       f"{row['diverged']} |"

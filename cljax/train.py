@@ -281,28 +281,14 @@ class TrainState(NamedTuple):
 
 
 class StepStats(NamedTuple):
-  """Per-step diagnostics, reduced per task into `TaskCounters`."""
+  """Per-step diagnostics, reduced per task into the run's counters (`reduce_counters`)."""
 
   ran: jax.Array  # () bool: a real step (not padding, not after divergence)
   loss: jax.Array  # () batch loss before the update
-  violated: jax.Array  # () bool: the variant's trigger fired (a constraint was violated)
-  projected: jax.Array  # () bool: g was changed
-  qp_iterations: jax.Array  # () int32 (0 without a QP)
-  kkt: jax.Array  # () the QP's KKT residual (0 without a QP)
-  qp_failed: jax.Array  # () bool: a QP ran and did not converge
+  counters: Any  # the rule's `cljax.rules.Counters` of the step ({} for none)
 
 
-class TaskCounters(NamedTuple):
-  """Per-task counts, each (T,): what the projections did while training that task."""
-
-  steps: jax.Array
-  violations: jax.Array
-  projections: jax.Array
-  qp_iterations: jax.Array  # summed over the task's steps
-  qp_iterations_max: jax.Array
-  kkt_max: jax.Array  # the worst KKT residual
-  qp_failures: jax.Array
-  mean_loss: jax.Array
+ENGINE_COUNTERS = ("steps", "mean_loss")  # the engine's own per-task counters
 
 
 class RunResult(NamedTuple):
@@ -312,7 +298,9 @@ class RunResult(NamedTuple):
   baseline: (T,) accuracies before any training (for forward transfer).
   curve: (T, C, T) accuracies on all tasks after each of task i's C chunks of log_every steps.
   curve_step: (T, C) the global step count at each curve point.
-  counters: TaskCounters.
+  counters: {name: (T,)} per task: the engine's steps (real steps run) and mean_loss (the
+    batch loss before each step, averaged), then what the rule reported (`cljax.rules.Counters`;
+    e.g. GEM's violations, projections, qp_iterations, qp_iterations_max, kkt_max, qp_failures).
   finite: (T,) whether the parameters were finite after each task.
   params: the final parameters.
   h: the rule's `summary` of its state at the end of each task t, stacked (None without one).
@@ -326,7 +314,7 @@ class RunResult(NamedTuple):
   baseline: jax.Array
   curve: jax.Array
   curve_step: jax.Array
-  counters: TaskCounters
+  counters: dict[str, jax.Array]
   finite: jax.Array
   params: Any
   h: Any = None
@@ -492,13 +480,14 @@ class TaskOutput(NamedTuple):
   """What one task of a run gives (`make_train` stacks them over the tasks into a RunResult).
 
   curve: (C, T) accuracies after each of its C chunks; curve_step: (C,) the global step at each;
-  counters: `TaskCounters` of scalars; finite: () the parameters finite at its end; summary: the
-  rule's `summary` of its state before its end_task (None without one).
+  counters: {name: ()} the task's counters (`RunResult.counters`); finite: () the parameters
+  finite at its end; summary: the rule's `summary` of its state before its end_task (None
+  without one).
   """
 
   curve: jax.Array
   curve_step: jax.Array
-  counters: TaskCounters
+  counters: dict[str, jax.Array]
   finite: jax.Array
   summary: Any = None
 
@@ -598,7 +587,7 @@ def _run_parts(
         loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
       ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
-      g, stats, rule_state = rule.update(g, ctx, state.rule_state)
+      g, counters, rule_state = rule.update(g, ctx, state.rule_state)
       if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself
         memory = write_reservoir(memory, x, y, jax.random.fold_in(key, _RESERVOIR_KEY))
       updates, opt_state = opt().update(g, state.opt_state, state.params)
@@ -612,16 +601,21 @@ def _run_parts(
         rule_state,
         model_state,
       )
-      return new, StepStats(jnp.ones((), bool), loss, *stats)
-
-    def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-      del t, j
-      return state, StepStats(*(jnp.zeros((), d) for d in _STEP_DTYPES))
+      return new, StepStats(jnp.ones((), bool), loss, counters)
 
     def step(state: TrainState, xs):
       t, j = xs
-      valid = (j < steps) & ~state.diverged
-      return jax.lax.cond(valid, train_step, skip_step, state, t, jnp.minimum(j, steps - 1))
+      j = jnp.minimum(j, steps - 1)
+      opt()  # made in this trace: eval_shape's must not be the first to make (and keep) it
+      shapes = jax.eval_shape(train_step, state, t, j)[1]  # the rule's counters (traced only)
+      _check_counters(shapes.counters)
+
+      def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+        del t, j
+        return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+      valid = (xs[1] < steps) & ~state.diverged
+      return jax.lax.cond(valid, train_step, skip_step, state, t, j)
 
     def chunk_then_eval(state: TrainState, t, c):
       """Chunk c of task t (log_every steps), then the evaluation of all tasks."""
@@ -643,7 +637,9 @@ def _run_parts(
         key = jax.random.fold_in(jax.random.fold_in(step_key, _TASK_END_KEY), t)
         end = TaskEndContext(t, state.params, key, state.memory, apply)
         state = state._replace(rule_state=rule.end_task(state.rule_state, end))
-      out = TaskOutput(curve, curve_step, _reduce(stats), _tree_all_finite(state.params), summary)
+      out = TaskOutput(
+        curve, curve_step, reduce_counters(stats), _tree_all_finite(state.params), summary
+      )
       return state, out
 
     return _Run(
@@ -830,21 +826,38 @@ _RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot
 _EPOCH_KEY = 0x7FFFFFFD  # folded into the step key for the epochs' reshuffles
 
 
-_STEP_DTYPES = StepStats(bool, jnp.float32, bool, bool, jnp.int32, jnp.float32, bool)
+def _check_counters(counters: Any) -> None:
+  """A rule's counters: a dict of () scalars, none named as the engine's own (one line)."""
+  if not isinstance(counters, dict) or any(
+    not isinstance(k, str) or getattr(v, "shape", None) != () for k, v in counters.items()
+  ):
+    raise CljaxError(
+      "a rule's update must return its counters as a dict of name -> () scalar ({} for none), "
+      f"got {jax.tree.map(lambda v: getattr(v, 'shape', v), counters)!r}."
+    )
+  clash = sorted(set(counters) & set(ENGINE_COUNTERS))
+  if clash:
+    raise CljaxError(f"a rule's counters may not be named {', '.join(clash)}: the engine's own.")
 
 
-def _reduce(stats: StepStats) -> TaskCounters:
+def reduce_counters(stats: StepStats) -> dict[str, jax.Array]:
+  """A task's counters from its steps' stats (leading axis the steps).
+
+  The engine's steps and mean_loss, then each of the rule's by its name (`cljax.rules.Counters`):
+  `*_max` the maximum, `*_mean` the mean over the real steps, any other the sum (skipped steps
+  count 0).
+  """
   ran = stats.ran
-  return TaskCounters(
-    steps=jnp.sum(ran),
-    violations=jnp.sum(stats.violated),
-    projections=jnp.sum(stats.projected),
-    qp_iterations=jnp.sum(stats.qp_iterations),
-    qp_iterations_max=jnp.max(stats.qp_iterations),
-    kkt_max=jnp.max(stats.kkt),
-    qp_failures=jnp.sum(stats.qp_failed),
-    mean_loss=jnp.sum(jnp.where(ran, stats.loss, 0.0)) / jnp.maximum(jnp.sum(ran), 1),
-  )
+  n = jnp.maximum(jnp.sum(ran), 1)
+  out = {"steps": jnp.sum(ran), "mean_loss": jnp.sum(jnp.where(ran, stats.loss, 0.0)) / n}
+  for name, v in stats.counters.items():
+    if name.endswith("_max"):
+      out[name] = jnp.max(v)
+    elif name.endswith("_mean"):
+      out[name] = jnp.sum(jnp.where(ran, v, 0)) / n
+    else:
+      out[name] = jnp.sum(v)
+  return out
 
 
 def _tree_all_finite(tree) -> jax.Array:

@@ -189,7 +189,8 @@ def report(args: argparse.Namespace, peaks: dict[str, float], hs: list[dict]) ->
   ]
   for t in table.values():
     row, s = t["row"], t["summary"]
-    cells = [sweep_folder.format_mean_std(s[m]) for m in (*sweep_folder.METRICS, "projected")]
+    cells = [sweep_folder.format_mean_std(s[m]) for m in sweep_folder.METRICS]
+    cells.append(sweep_folder.format_mean_std(s["counters"]["projections"]))
     diverged = f" ({s['diverged']} diverged)" if s["diverged"] else ""
     lines.append(
       f"| {row.label} | {row.parts} | {row.role} | {s['n']}{diverged} | " + " | ".join(cells) + " |"

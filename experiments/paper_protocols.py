@@ -101,7 +101,7 @@ def run_cell(args, dataset, protocol: str, method: str) -> list[dict]:
         "matrix": R.tolist(),
         "baseline": b.tolist(),
         "paper_stats": {k: float(v) for k, v in metrics.paper_stats(R, b)._asdict().items()},
-        "steps": int(np.sum(result.counters.steps)),
+        "steps": int(np.sum(result.counters["steps"])),
         "compile_s": round(compile_s, 2),
         "run_s": round(run_s, 2),
         "finite": bool(np.all(np.asarray(result.finite))),

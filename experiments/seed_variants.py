@@ -63,7 +63,9 @@ def main() -> None:
           "backward": backward,
           "forward": forward,
           "finite": bool(np.all(result.finite)),
-          "projections": np.asarray(result.counters.projections).tolist(),
+          "projections": np.asarray(  # 0 for the rules that never change g
+            result.counters.get("projections", 0 * result.counters["steps"])
+          ).tolist(),
           "seconds": time.perf_counter() - t0,
           "matrix": R.tolist(),
         }

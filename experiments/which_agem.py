@@ -185,7 +185,7 @@ def report(args: argparse.Namespace) -> str:
     "",
     "Mean +- sample std (ddof 1) over seeds of GEM's printed statistics (Final = mean accuracy "
     "after the last task, Backward, Forward; `cljax.metrics.gem_stats`). projected: fraction of "
-    "the steps of tasks 1-9 on which the rule was applied (StepStats.projected: for the "
+    "the steps of tasks 1-9 on which the rule was applied (its projections counter: for the "
     "closed forms, g changed; for the QP rows, the QP ran, which at margin 0 may return v = 0 "
     "and leave g unchanged). Seed note: the PyTorch code's numbers for "
     "seed 3; seed 3 here: this row's seed-3 run.",
@@ -200,7 +200,8 @@ def report(args: argparse.Namespace) -> str:
     s3 = by_seed.get(3)
     s3_text = " / ".join(f"{s3[m]:.4f}" for m in sweep_folder.METRICS) if s3 else "-"
     note = " / ".join(f"{x:.4f}" for x in SEED_NOTE[key]) if key in SEED_NOTE else "-"
-    cells = [sweep_folder.format_mean_std(s[m]) for m in (*sweep_folder.METRICS, "projected")]
+    cells = [sweep_folder.format_mean_std(s[m]) for m in sweep_folder.METRICS]
+    cells.append(sweep_folder.format_mean_std(s["counters"]["projections"]))
     diverged = f" ({s['diverged']} diverged)" if s["diverged"] else ""
     lines.append(
       f"| {row.label} | {row.parts} | {row.role} | {s['n']}{diverged} | "
@@ -228,7 +229,7 @@ def conclusion(table: dict, n: int) -> list[str]:
     "way3 - paper_mean": diff(table["way3"], table["paper_mean"]),
     "way3_m0 - paper_mean": diff(table["way3_m0"], table["paper_mean"]),
   }
-  proj = {k: t["summary"]["projected"]["mean"] for k, t in table.items()}
+  proj = {k: t["summary"]["counters"]["projections"]["mean"] for k, t in table.items()}
   final = {k: t["summary"]["final"]["mean"] for k, t in table.items()}
   return [
     "## Conclusion",
@@ -293,8 +294,8 @@ def plots(args: argparse.Namespace, out_dir: str) -> None:
   fig = Figure(figsize=(9.0, 4.2))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  means = [s["projected"]["mean"] for s in rows]
-  stds = [s["projected"]["std"] or 0.0 for s in rows]
+  means = [s["counters"]["projections"]["mean"] for s in rows]
+  stds = [s["counters"]["projections"]["std"] or 0.0 for s in rows]
   ax.bar(np.arange(len(rows)), means, yerr=stds, capsize=3, color="tab:purple")
   ax.set_xticks(np.arange(len(rows)))
   ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)

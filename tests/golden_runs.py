@@ -107,8 +107,16 @@ def run(name: str, save_path: str) -> dict:
     "argv": argv[:-3],
     "seed_line": record["seed_line"],
     "matrix": record["matrix"],
-    "projections": record["counters"]["projections"],
+    "projections": changed_g(record["counters"]),
   }
+
+
+def changed_g(counters: dict) -> list:
+  """Per task, the steps whose gradient the rule changed: its projections (er: replayed), 0 for
+  a rule that reports neither (single, independent, ewc): the file's "projections", recorded
+  when every rule filled GEM's projection counters."""
+  zeros = [0] * len(counters["steps"])
+  return counters.get("projections", counters.get("replayed", zeros))
 
 
 def with_suite_flag(xla_flags: str) -> str:

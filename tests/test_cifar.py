@@ -258,7 +258,7 @@ def test_n_epochs_visits_every_sample_once_per_epoch_reshuffled(grey_split):
   assert not np.array_equal(second, first)  # in another order
   config = Config(variant="single", batch_size=4, n_epochs=2, log_every=0)
   result = jax.jit(make_train(config))(jax.random.key(0), grey_split)
-  np.testing.assert_array_equal(result.counters.steps, [2 * steps, 2 * steps])
+  np.testing.assert_array_equal(result.counters["steps"], [2 * steps, 2 * steps])
 
 
 @pytest.mark.parametrize("variant", ["single", "er", "agem", "gem"])

@@ -25,13 +25,15 @@ from cljax.train import Config, make_train
 RULES = textwrap.dedent(
   """
   import jax
+  import jax.numpy as jnp
   from cljax import rules
 
   def halve():
-    return rules.stateless(
-      lambda g, ctx: (jax.tree.map(lambda a: 0.5 * a, g), rules.no_projection()),
-      uses_memory=False,
-    )
+    def update(g, ctx):  # its own counters: summed, the task's maximum, the mean over steps
+      counters = {"halved": jnp.ones((), bool), "task_max": ctx.t, "task_mean": 1.0 * ctx.t}
+      return jax.tree.map(lambda a: 0.5 * a, g), counters
+
+    return rules.stateless(update, uses_memory=False)
 
   def with_config(config):
     assert config.batch_size >= 1
@@ -71,6 +73,12 @@ def test_a_rule_from_a_module_runs_from_the_cli(real_fashion_dir, rules_module):
     rules_module, "rule-my_rules.with_config_fashion_mnist_permutations_seed3"
   )
   assert halved == matrix(rules_module, "single_fashion_mnist_permutations_seed3")
+  with open(
+    rules_module / "rule-my_rules.halve_fashion_mnist_permutations_seed3" / "results.json"
+  ) as f:
+    counters = json.load(f)["counters"]  # what the rule reported, reduced per task by name
+  assert counters["steps"] == [60, 60] and counters["halved"] == [60, 60]
+  assert counters["task_max"] == [0, 1] and counters["task_mean"] == [0.0, 1.0]
 
 
 @pytest.mark.realdata
@@ -85,6 +93,13 @@ def test_a_rule_from_a_module_runs_in_a_two_seed_sweep(real_fashion_dir, rules_m
   assert f"sweep folder: {folder}" in out
   records = [n for n in os.listdir(folder / "runs") if n.endswith(".json")]
   assert len(records) == 2, os.listdir(folder)
+  assert (
+    "| halved | task_max | task_mean | diverged |" in out
+  )  # the rule's counters, in the summary
+  with open(folder / "summary.json") as f:
+    (row,) = json.load(f)["rows"]
+  assert row["counters"]["halved"]["mean"] == 1.0  # every step of tasks 1..
+  assert row["counters"]["task_max"]["mean"] == 1.0 and row["counters"]["task_mean"]["mean"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -123,7 +138,7 @@ def scaled_sgd() -> rules.Rule:
 
   def update(g, ctx, state):
     scale = ctx.hparams.extra["scale"]
-    return jax.tree.map(lambda a: scale * a, g), rules.no_projection(), state
+    return jax.tree.map(lambda a: scale * a, g), {}, state
 
   return rules.Rule(
     init=lambda p, t: None, update=update, uses_memory=False, hparams={"scale": 1.0}

@@ -123,9 +123,9 @@ def test_a_cnn_from_outside_trains_with_a_memory_rule_and_a_penalty_rule(fashion
   result = jax.jit(make_train(cfg, network=cnn()))(jax.random.key(0), fashion)
   assert bool(jnp.all(result.finite)) and result.acc.shape == (2, 2)
   assert result.params["Conv_0"]["kernel"].shape == (3, 3, 1, 4)  # the module's own parameters
-  np.testing.assert_array_equal(result.counters.steps, [100, 100])
+  np.testing.assert_array_equal(result.counters["steps"], [100, 100])
   if variant == "gem":  # GEM's QP ran on the CNN's explicit memory gradients
-    assert result.counters.violations[1] > 0 and result.counters.qp_failures[1] == 0
+    assert result.counters["violations"][1] > 0 and result.counters["qp_failures"][1] == 0
   # It learned: each task well above chance (0.1) right after training it.
   assert result.acc[0, 0] > 0.25 and result.acc[1, 1] > 0.25, result.acc
 

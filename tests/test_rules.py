@@ -37,7 +37,7 @@ def small(**kw):
 
 def half_sgd() -> rules.Rule:
   """A rule written outside cljax: g / 2, never a projection, no memory."""
-  return rules.stateless(lambda g, ctx: (jax.tree.map(lambda a: 0.5 * a, g), rules.no_projection()))
+  return rules.stateless(lambda g, ctx: (jax.tree.map(lambda a: 0.5 * a, g), {}))
 
 
 def test_a_rule_that_halves_g_equals_single_at_half_the_learning_rate(stream):
@@ -47,8 +47,23 @@ def test_a_rule_that_halves_g_equals_single_at_half_the_learning_rate(stream):
   # lr (g / 2) and (lr / 2) g are the same product (a power of 2 scales exactly), but the two
   # programs may fuse the update differently: the trajectory bound over the run's steps.
   numerics.assert_trees_close_after(got.params, want.params, steps=N_TASKS * SAMPLES)
-  assert int(np.sum(got.counters.projections)) == 0
-  np.testing.assert_array_equal(got.counters.steps, want.counters.steps)
+  assert set(got.counters) == {"steps", "mean_loss"}  # the rule reports no counters of its own
+  np.testing.assert_array_equal(got.counters["steps"], want.counters["steps"])
+
+
+@pytest.mark.parametrize(
+  "counters,match",
+  [
+    (lambda ctx: {"steps": ctx.t > 0}, "may not be named steps: the engine's own"),
+    (lambda ctx: (ctx.t > 0,), "must return its counters as a dict of name -> \\(\\) scalar"),
+    (lambda ctx: {"rows": jnp.zeros(3)}, "must return its counters as a dict"),
+  ],
+)
+def test_bad_counters_are_refused_in_one_line(stream, counters, match):
+  rule = rules.stateless(lambda g, ctx: (g, counters(ctx)))
+  with pytest.raises(CljaxError, match=match) as info:
+    jax.jit(make_train(small(variant="single"), rule=rule)).lower(jax.random.key(0), stream)
+  assert "\n" not in str(info.value).split("\n--")[0]
 
 
 COMPOSITIONS = list(itertools.product(agem.REFERENCES, agem.TRIGGERS, agem.PROJECTIONS))
@@ -94,7 +109,7 @@ def test_a_stateful_rule_sees_every_step_and_task_end(stream):
   """A rule counting its steps and task ends: the state threads through the engine."""
 
   def update(g, ctx, state):
-    return g, rules.no_projection(), state._replace(steps=state.steps + 1)
+    return g, {}, state._replace(steps=state.steps + 1)
 
   def end_task(state, end):
     return state._replace(ends=state.ends.at[end.t].set(state.steps))

@@ -52,8 +52,8 @@ def test_map_sweep_equals_runs_one_by_one(runs):
   for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
     ours = jax.tree.map(lambda a, i=i: a[i], swept)
     assert_trees_close_after(ours.params, ref.params, STEPS)
-    np.testing.assert_array_equal(ours.counters.projections, ref.counters.projections)
-    np.testing.assert_array_equal(ours.counters.steps, ref.counters.steps)
+    np.testing.assert_array_equal(ours.counters["projections"], ref.counters["projections"])
+    np.testing.assert_array_equal(ours.counters["steps"], ref.counters["steps"])
   assert not np.array_equal(swept.params["out"]["bias"][0], swept.params["out"]["bias"][1])
 
 
@@ -68,7 +68,7 @@ def test_batched_sweeps_equal_runs_one_by_one_up_to_rounding(runs, strategy, bat
     ours = jax.tree.map(lambda a, i=i: a[i], swept)
     assert_trees_close_after(ours.params, ref.params, STEPS)
     np.testing.assert_allclose(ours.acc, ref.acc, atol=0.03)  # a test example of 50 may flip
-    np.testing.assert_array_equal(ours.counters.steps, ref.counters.steps)
+    np.testing.assert_array_equal(ours.counters["steps"], ref.counters["steps"])
 
 
 def test_a_grid_compiles_once(runs):
@@ -129,7 +129,7 @@ def test_on_run_reports_each_run_once_with_its_results(runs, strategy):
   for i, r in seen.items():
     assert r.params is None and isinstance(r.acc, np.ndarray)
     np.testing.assert_array_equal(r.acc, out.acc[i])
-    np.testing.assert_array_equal(r.counters.projections, out.counters.projections[i])
+    np.testing.assert_array_equal(r.counters["projections"], out.counters["projections"][i])
 
 
 def test_an_empty_sweep_is_refused(runs):

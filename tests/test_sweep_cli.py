@@ -231,7 +231,7 @@ def test_records_roundtrip_and_reject_foreign_or_damaged(tmp_path):
   sweep_folder.write_record(tmp_path, record, setting, 1, fp)
   loaded, problem = sweep_folder.load_record(tmp_path, setting, 1, fp)
   assert problem is None and loaded["matrix"] == record["matrix"]
-  assert sweep_folder.projected_fraction(loaded) == pytest.approx(2 / 3)
+  assert sweep_folder.counter_value(loaded, "projections") == pytest.approx(2 / 3)
   _, problem = sweep_folder.load_record(tmp_path, setting, 1, "0" * 16)
   assert "made for" in problem
   # A record copied under another seed's name is not reused for that seed.

@@ -5,7 +5,7 @@
 A reference row is ref(ctx, checks) -> (ref, checks (T,) or None): the row g is projected
 against and, when the trigger asks for them, GEM's per-task checks <g, r_k>. A trigger decides
 when g may change: fires(g, ref, checks) -> () bool, or None for "the projection's own check
-<g, ref> < 0". A projection maps (g, ref, fired, ctx) -> (g~, ProjectionStats).
+<g, ref> < 0". A projection maps (g, ref, fired, ctx) -> (g~, Counters).
 
 The variants (`cljax.rules.registry`): agem = pooled or task_mean / reference / conditional (the
 A-GEM paper), agem_old = task_sum / reference / qp (the seed's way 1), agem_new = task_mean /
@@ -24,11 +24,11 @@ from cljax import memory_grads
 from cljax.errors import CljaxError
 from cljax.projections import agem_project, gem_project, project_orthogonal, tree_vdot
 from cljax.rules.base import (
-  ProjectionStats,
+  Counters,
   Rule,
   StepContext,
-  closed_form_stats,
-  qp_stats,
+  projection_counters,
+  qp_counters,
   stateless,
   when_past,
 )
@@ -53,10 +53,10 @@ class Trigger(NamedTuple):
 
 
 class Projection(NamedTuple):
-  """project(g, ref, fired or None, ctx) -> (g~, ProjectionStats)."""
+  """project(g, ref, fired or None, ctx) -> (g~, Counters)."""
 
   name: str
-  project: Callable[[PyTree, PyTree, jax.Array | None, StepContext], tuple[PyTree, ProjectionStats]]
+  project: Callable[[PyTree, PyTree, jax.Array | None, StepContext], tuple[PyTree, Counters]]
 
 
 def task_sum(mode: str = "factored") -> Reference:
@@ -100,7 +100,7 @@ def conditional() -> Projection:
     conflict = tree_vdot(g, ref) < 0
     fired = conflict if fired is None else fired
     g_new = jax.tree.map(lambda a, b: jnp.where(fired, a, b), agem_project(g, ref), g)
-    return g_new, closed_form_stats(fired, fired & conflict)
+    return g_new, projection_counters(fired, fired & conflict)
 
   return Projection("conditional", project)
 
@@ -111,14 +111,14 @@ def unconditional() -> Projection:
   def project(g, ref, fired, ctx):
     fired = tree_vdot(g, ref) < 0 if fired is None else fired
     g_new = jax.tree.map(lambda a, b: jnp.where(fired, a, b), project_orthogonal(g, ref), g)
-    return g_new, closed_form_stats(fired, fired)
+    return g_new, projection_counters(fired, fired)
 
   return Projection("unconditional", project)
 
 
 def one_row_qp(
   g: PyTree, ref: PyTree, margin: jax.Array, fired: jax.Array | None, *, eps: float, max_iter: int
-) -> tuple[PyTree, ProjectionStats]:
+) -> tuple[PyTree, Counters]:
   """GEM's dual QP on the single row ref, v >= margin: g~ = g + v ref (fired None: <g, ref> < 0)."""
   g_new, info = gem_project(
     g,
@@ -128,7 +128,7 @@ def one_row_qp(
     trigger=fired,
     max_iter=max_iter,
   )
-  return g_new, qp_stats(info.violated if fired is None else fired, info.projected, info.qp)
+  return g_new, qp_counters(info.violated if fired is None else fired, info.projected, info.qp)
 
 
 def qp(

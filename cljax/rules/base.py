@@ -4,7 +4,7 @@ A rule is a factory's product, shaped like an optax transformation: the factory 
 method's settings and returns a `Rule` of pure functions,
 
     state = rule.init(params, n_tasks)
-    g_new, stats, state = rule.update(g, ctx, state)      # every training step
+    g_new, counters, state = rule.update(g, ctx, state)   # every training step
     state = rule.end_task(state, ctx_end)                  # after each task (optional)
 
 `g` is the batch gradient (a pytree like the parameters), `ctx` a `StepContext`: the task t,
@@ -74,20 +74,18 @@ class TaskEndContext(NamedTuple):
   apply: Callable[[PyTree, jax.Array], jax.Array] | None = None
 
 
-class ProjectionStats(NamedTuple):
-  """What a rule did at one step (each a scalar), reduced per task by the engine."""
-
-  violated: jax.Array  # () bool: the rule's trigger fired (a constraint was violated)
-  projected: jax.Array  # () bool: g was changed
-  qp_iterations: jax.Array  # () int32 (0 without a QP)
-  kkt: jax.Array  # () float32 the QP's KKT residual (0 without a QP)
-  qp_failed: jax.Array  # () bool: a QP ran and did not converge
+Counters = dict[str, jax.Array]
+"""What a rule did at one step: named () scalars, reduced per task by the engine by their names:
+a name ending in `_max` is the task's maximum, in `_mean` the mean over its steps, any other the
+sum over its steps (a bool counts the steps it was true). Recorded per task in
+`RunResult.counters` (beside the engine's own "steps" and "mean_loss") and in results.json."""
 
 
 class Rule(NamedTuple):
   """A continual-learning method as pure functions (see the module docstring).
 
-  init(params, n_tasks) -> state; update(g, ctx, state) -> (g_new, ProjectionStats, state);
+  init(params, n_tasks) -> state; update(g, ctx, state) -> (g_new, Counters, state), the counters
+  the same names at every step ({} for none);
   end_task(state, TaskEndContext) -> state, or None (nothing to do at task ends);
   summary(state) -> a pytree recorded at each task end before end_task (`RunResult.h`), or None;
   uses_memory: whether the engine fills the episodic memory (else it keeps one unused slot);
@@ -106,7 +104,7 @@ class Rule(NamedTuple):
   """
 
   init: Callable[[PyTree, int], Any]
-  update: Callable[[PyTree, StepContext, Any], tuple[PyTree, ProjectionStats, Any]]
+  update: Callable[[PyTree, StepContext, Any], tuple[PyTree, Counters, Any]]
   end_task: Callable[[Any, TaskEndContext], Any] | None = None
   summary: Callable[[Any], Any] | None = None
   uses_memory: bool = True
@@ -121,54 +119,53 @@ NETWORKS = ("shared", "per_task", "per_task_finetune")  # what `Rule.networks` m
 
 
 def stateless(
-  update: Callable[[PyTree, StepContext], tuple[PyTree, ProjectionStats]], *, uses_memory=True
+  update: Callable[[PyTree, StepContext], tuple[PyTree, Counters]], *, uses_memory=True
 ) -> Rule:
-  """A Rule without state from update(g, ctx) -> (g_new, ProjectionStats)."""
+  """A Rule without state from update(g, ctx) -> (g_new, Counters)."""
 
   def rule_update(g, ctx, state):
-    g_new, stats = update(g, ctx)
-    return g_new, stats, state
+    g_new, counters = update(g, ctx)
+    return g_new, counters, state
 
   return Rule(init=lambda params, n_tasks: None, update=rule_update, uses_memory=uses_memory)
 
 
-def closed_form_stats(fired: jax.Array, projected: jax.Array) -> ProjectionStats:
-  """The stats of a step without a QP: no iterations, no KKT residual, no failure."""
-  zeros = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.zeros((), bool)
-  return ProjectionStats(fired, projected, *zeros)
+def projection_counters(violated: jax.Array, projected: jax.Array) -> Counters:
+  """A projection's counters: violations (its trigger fired), projections (g was changed)."""
+  return {"violations": violated, "projections": projected}
 
 
-def no_projection() -> ProjectionStats:
-  """The stats of a step that leaves g as it is.
+def qp_counters(violated: jax.Array, projected: jax.Array, info: Any) -> Counters:
+  """The counters of a step that ran the dual QP (`info`: its `cljax.qp.QPInfo`).
 
-  Created when called: importing cljax must not initialise a JAX backend, so that a caller can
-  still choose the CPU device count (`jax_num_cpu_devices`).
+  The projection's, the QP's iterations (summed and the task's maximum), its worst KKT residual
+  and its failures (a projected step whose QP did not converge).
   """
-  false = jnp.zeros((), bool)
-  return closed_form_stats(false, false)
-
-
-def qp_stats(violated: jax.Array, projected: jax.Array, info: Any) -> ProjectionStats:
-  """The stats of a step that ran the dual QP (`info`: its `cljax.qp.QPInfo`)."""
-  return ProjectionStats(
-    violated,
-    projected,
-    info.iterations.astype(jnp.int32),
-    info.kkt.astype(jnp.float32),
-    projected & ~info.converged,
-  )
+  iterations = info.iterations.astype(jnp.int32)
+  return {
+    **projection_counters(violated, projected),
+    "qp_iterations": iterations,
+    "qp_iterations_max": iterations,
+    "kkt_max": info.kkt.astype(jnp.float32),
+    "qp_failures": projected & ~info.converged,
+  }
 
 
 def when_past(
-  ctx: StepContext, project: Callable[[], tuple[PyTree, ProjectionStats]], g: PyTree
-) -> tuple[PyTree, ProjectionStats]:
-  """project() from task 1 on; on task 0 (no past task to protect) g unchanged."""
-  return jax.lax.cond(ctx.t > 0, project, lambda: (g, no_projection()))
+  ctx: StepContext, project: Callable[[], tuple[PyTree, Counters]], g: PyTree
+) -> tuple[PyTree, Counters]:
+  """project() from task 1 on; on task 0 (no past task to protect) g unchanged, counters 0."""
+  shapes = jax.eval_shape(project)[1]  # traced only: no computation
+
+  def unchanged():
+    return g, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  return jax.lax.cond(ctx.t > 0, project, unchanged)
 
 
 def single() -> Rule:
   """Plain SGD on the current task: g unchanged, no memory (GEM's "single")."""
-  return stateless(lambda g, ctx: (g, no_projection()), uses_memory=False)
+  return stateless(lambda g, ctx: (g, {}), uses_memory=False)
 
 
 def independent(finetune: bool = False) -> Rule:

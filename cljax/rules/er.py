@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from cljax import memory_grads
 from cljax.errors import CljaxError
-from cljax.rules.base import Rule, StepContext, closed_form_stats
+from cljax.rules.base import Rule, StepContext
 
 BUFFERS = ("ring", "reservoir")
 
@@ -34,7 +34,7 @@ def replay_sample(ctx: StepContext, sample_size: int, buffer: str):
 def er(replay_batch_size: int, buffer: str = "ring") -> Rule:
   """ER's rule: the gradient of the batch joined with a memory sample (see the module docstring).
 
-  The stats count a step as projected when its sample was not empty (the replay changed g).
+  Its counter: replayed, the steps whose sample was not empty (the replay changed g).
   """
   if buffer not in BUFFERS:
     raise CljaxError(f"unknown replay buffer {buffer!r}: choose one of {', '.join(BUFFERS)}.")
@@ -49,7 +49,7 @@ def er(replay_batch_size: int, buffer: str = "ring") -> Rule:
     g_sum = jax.grad(lambda p: memory_grads.weighted_loss(ctx, p, x, y, w))(ctx.params)
     replayed = n > 0
     g_new = jax.tree.map(lambda a, s: jnp.where(replayed, (B * a + s) / (B + n), a), g, g_sum)
-    return g_new, closed_form_stats(jnp.zeros((), bool), replayed), state
+    return g_new, {"replayed": replayed}, state
 
   return Rule(
     init=lambda params, n_tasks: None,

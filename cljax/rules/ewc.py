@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from cljax.errors import CljaxError
 from cljax.memory_grads import mean_loss
-from cljax.rules.base import Rule, StepContext, TaskEndContext, no_projection
+from cljax.rules.base import Rule, StepContext, TaskEndContext
 
 PyTree = Any
 FISHERS = ("empirical", "batch_squared")
@@ -78,7 +78,7 @@ def ewc(fisher: str = "empirical") -> Rule:
     g_new = jax.tree.map(
       lambda gi, p, s, a: gi + lam * (s * p - a), g, ctx.params, state.fisher_sum, state.anchor_sum
     )
-    return g_new, no_projection(), state
+    return g_new, {}, state
 
   def end_task(state: EWCState, ctx: TaskEndContext):
     m, t = ctx.memory, ctx.t

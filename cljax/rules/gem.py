@@ -16,7 +16,7 @@ from cljax import memory_grads
 from cljax.example_grads import weighted_grad
 from cljax.memory import past_weights
 from cljax.projections import gem_dual, gem_project
-from cljax.rules.base import Rule, StepContext, qp_stats, stateless, when_past
+from cljax.rules.base import Rule, StepContext, qp_counters, stateless, when_past
 
 
 def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> Rule:
@@ -32,7 +32,7 @@ def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> R
     }
     if mode == "explicit":
       g_new, info = gem_project(g, memory_grads.past_rows(ctx), **qp_args)
-      return g_new, qp_stats(info.violated, info.projected, info.qp)
+      return g_new, qp_counters(info.violated, info.projected, info.qp)
 
     # The factored terms are computed on the first n task slots (`on_past_slots`) and padded to
     # T: the QP is solved once at size T (masked), not once per compiled slot count.
@@ -60,6 +60,6 @@ def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> R
     g_new = jax.lax.cond(
       info.projected, lambda: memory_grads.on_past_slots(add_rows, ctx), lambda: g
     )
-    return g_new, qp_stats(info.violated, info.projected, info.qp)
+    return g_new, qp_counters(info.violated, info.projected, info.qp)
 
   return stateless(lambda g, ctx: when_past(ctx, lambda: project(g, ctx), g))

@@ -33,7 +33,7 @@ from cljax.grouped.state import (
 from cljax.memory import past_weights
 from cljax.projections import gem_dual
 from cljax.rules.agem import conditional, one_row_qp
-from cljax.rules.base import Rule, StepContext, TaskEndContext, qp_stats, when_past
+from cljax.rules.base import Rule, StepContext, TaskEndContext, qp_counters, when_past
 
 GROUPED_RULES = ("gem_grouped", "agem_grouped", "agem_qp_grouped")
 
@@ -92,7 +92,7 @@ def grouped(
     if kind == "gem_grouped":
       v, info = gem_dual(P, q, mask=past, eps=eps, max_iter=max_iter)
       g_new = jax.lax.cond(info.projected, lambda: jax.tree.map(jnp.add, g, row_sum(v)), lambda: g)
-      return g_new, qp_stats(info.violated, info.projected, info.qp)
+      return g_new, qp_counters(info.violated, info.projected, info.qp)
     n_past = jnp.maximum(ctx.t, 1).astype(jnp.float32)
     ref = row_sum(jnp.where(past, 1.0 / n_past, 0.0))
     if kind == "agem_grouped":
