@@ -146,12 +146,13 @@ def make_sweep(
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise CljaxError("make_sweep needs at least one device.")
-  if config.variant in GROUPED_VARIANTS and len(devices) > 1 and devices[0].platform == "cpu":
+  here = [d for d in devices if d.process_index == jax.process_index()]  # of this process
+  if config.variant in GROUPED_VARIANTS and len(here) > 1 and devices[0].platform == "cpu":
     # Each device's program would run its LAPACK eigh (the relatedness) at the same time; each
     # call blocks a thread of XLA's shared CPU pool while its batch waits for that pool: with as
     # many devices as threads, no thread is left and the sweep hangs (seen with 2 devices).
     raise CljaxError(
-      f"{config.variant} cannot be split across {len(devices)} CPU devices (their concurrent "
+      f"{config.variant} cannot be split across {len(here)} CPU devices (their concurrent "
       "eigendecompositions deadlock XLA's CPU thread pool): use one CPU device, or the sweep "
       "CLI's --strategy processes (its CPU default)."
     )
