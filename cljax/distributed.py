@@ -159,14 +159,18 @@ def gather(name: str, value: str, timeout_s: float) -> list[str]:
   out = []
   deadline = time.monotonic() + timeout_s
   for i in range(n):
+    key = f"{_PREFIX}/{name}/{i}"
     while True:
       left = deadline - time.monotonic()
       try:
         ms = max(1, int(min(left, 1.0) * 1000))
-        out.append(client.blocking_key_value_get(f"{_PREFIX}/{name}/{i}", ms))
+        out.append(client.blocking_key_value_get(key, ms))
         break
       except Exception:  # JaxRuntimeError: DEADLINE_EXCEEDED, or the service is gone
         dead = i not in _live(client, n)
+      with contextlib.suppress(Exception):  # a process that gave its value, then left
+        out.append(client.key_value_try_get(key))
+        break
       if dead or left <= 1.0:
         what = "stopped" if dead else f"did not reach '{name}' within {timeout_s:g} s"
         raise CljaxError(

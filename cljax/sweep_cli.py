@@ -10,7 +10,9 @@ devices (--strategy map / vmap do that on a CPU too, one host device per core).
 Each run's record is written atomically as it finishes into --sweep_dir (default
 {save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
 finished records, so a killed sweep resumes. At the end: summary.md / .json / .png (mean +- std
-per setting). Compiled programs are kept in JAX's persistent compilation cache, as by
+per setting). Several processes (hosts) join one sweep with --coordinator HOST:PORT
+--num_processes N --process_id I, or --distributed auto (JAX's runtime; README "Sweeps on a
+cluster"). Compiled programs are kept in JAX's persistent compilation cache, as by
 `python -m cljax` (the worker processes share its folder; --no_compile_cache: none).
 Exit status: 0 done, 2 bad input (one line).
 """
