@@ -147,12 +147,13 @@ def make_sweep(
   if not devices:
     raise CljaxError("make_sweep needs at least one device.")
   resolved, name = rule_and_name(config, rule)
-  if not resolved.cpu_devices and len(devices) > 1 and devices[0].platform == "cpu":
+  here = [d for d in devices if d.process_index == jax.process_index()]  # of this process
+  if not resolved.cpu_devices and len(here) > 1 and devices[0].platform == "cpu":
     # Each device's program would run its LAPACK eigh (the relatedness) at the same time; each
     # call blocks a thread of XLA's shared CPU pool while its batch waits for that pool: with as
     # many devices as threads, no thread is left and the sweep hangs (seen with 2 devices).
     raise CljaxError(
-      f"{name} cannot be split across {len(devices)} CPU devices (their concurrent "
+      f"{name} cannot be split across {len(here)} CPU devices (their concurrent "
       "eigendecompositions deadlock XLA's CPU thread pool): use one CPU device, or the sweep "
       "CLI's --strategy processes (its CPU default)."
     )

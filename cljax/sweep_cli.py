@@ -10,7 +10,9 @@ devices (--strategy map / vmap do that on a CPU too, one host device per core).
 Each run's record is written atomically as it finishes into --sweep_dir (default
 {save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
 finished records, so a killed sweep resumes. At the end: summary.md / .json / .png (mean +- std
-per setting). Compiled programs are kept in JAX's persistent compilation cache, as by
+per setting). Several processes (hosts) join one sweep with --coordinator HOST:PORT
+--num_processes N --process_id I, or --distributed auto (JAX's runtime; README "Sweeps on a
+cluster"). Compiled programs are kept in JAX's persistent compilation cache, as by
 `python -m cljax` (the worker processes share its folder; --no_compile_cache: none).
 Exit status: 0 done, 2 bad input (one line).
 """
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import compile_cache, run_folder, sweep_folder, train
+from cljax import compile_cache, distributed, run_folder, sweep_folder, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.rules import registry
@@ -60,6 +62,9 @@ _STATIC_FLAGS = (
   "eval_batch_size",
   "seed",
 )
+# How a process joins a multi-process sweep (JAX's names): not settings of the runs.
+CLUSTER_FLAGS = ("coordinator", "num_processes", "process_id", "distributed", "distributed_timeout")
+FINISH_TIMEOUT_S = 7 * 24 * 3600.0  # the wait at the end for the slowest process's runs
 
 
 def split_grid(argv: Sequence[str]) -> tuple[list[str], dict[str, list[float]]]:
@@ -154,7 +159,39 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="devices of strategies map / vmap (default: all; on a CPU, one host device per core)",
   )
+  c = p.add_argument_group(
+    "multi-process sweeps (JAX's runtime: one process per host, every process the same command)"
+  )
+  c.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (it listens there)")
+  c.add_argument("--num_processes", type=int, default=None, help="processes in the sweep")
+  c.add_argument("--process_id", type=int, default=None, help="this process: 0..num_processes-1")
+  c.add_argument(
+    "--distributed",
+    default=None,
+    choices=("auto",),
+    help="auto: JAX detects the cluster (SLURM, Open MPI, TPU slices) instead of the three above",
+  )
+  c.add_argument(
+    "--distributed_timeout",
+    type=float,
+    default=distributed.DEFAULT_TIMEOUT_S,
+    help="seconds to reach the coordinator and to wait for the other processes at the start",
+  )
   return p
+
+
+def cluster_for(args: argparse.Namespace) -> distributed.Cluster | None:
+  """The multi-process settings of a command line (None: one process); CljaxError if invalid."""
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if args.distributed is None and explicit == (None, None, None):
+    return None
+  if args.distributed is not None and explicit != (None, None, None):
+    raise CljaxError("give --distributed auto or --coordinator/--num_processes/--process_id.")
+  if args.distributed is None and args.coordinator is None:
+    raise CljaxError("--num_processes / --process_id need --coordinator HOST:PORT.")
+  cluster = distributed.Cluster(*explicit, timeout_s=args.distributed_timeout)
+  distributed.check(cluster)
+  return cluster
 
 
 def use_cpu_devices(n: int | None) -> None:
@@ -211,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("devices", "workers"):
       if getattr(args, name) is not None and getattr(args, name) < 1:
         raise CljaxError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+    cluster = cluster_for(args)
     network = setup.network_for(args)
     config = setup.train_config(args, network)
     rule = setup.rule_for(args, config)
@@ -232,11 +270,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   args.argv = argv
   cache = setup.use_compile_cache(args)  # before JAX compiles anything
   use_cpu_devices(args.devices)  # before JAX starts (loading the data below starts it)
+  if cluster is not None:
+    try:  # before JAX's backend starts: it is then built over every process's devices
+      distributed.join(cluster)
+      distributed.agree("num_processes", str(distributed.process()[1]), cluster.timeout_s)
+    except CljaxError as e:
+      setup.error(e)
+      return 2
   if args.strategy is None:  # processes on a CPU; without a CPU-only JAX, one vmapped call
-    args.strategy = "processes" if jax.default_backend() == "cpu" else "vmap"
+    cpu = jax.default_backend() == "cpu"  # several processes: one call over all their devices
+    args.strategy = ("processes" if cluster is None else "map") if cpu else "vmap"
   n_devices = min(
     len(jax.devices()), args.devices or len(jax.devices()), len(settings) * len(seeds)
   )
+  if cluster is not None:
+    n_devices = len(jax.devices())
   if args.strategy != "processes" and n_devices > 1 and jax.default_backend() == "cpu":
     try:  # make_sweep's check, before any data is loaded
       make_sweep(
@@ -261,12 +309,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = setup.run_name(args, 0).rsplit("_seed", 1)[0]
     folder = args.sweep_dir or os.path.join(args.save_path, "sweeps", base)
     fp = sweep_folder.open_folder(folder, _fixed_settings(config, args, streams[0]))
+    stream_of = dict(zip(seeds, streams, strict=True))
+    finished, to_run, problems = sweep_folder.plan(folder, settings, seeds, fp)
+    if cluster is not None:  # the same manifest, and the same runs to do, in every process
+      plan = hashlib.sha256(repr(to_run).encode()).hexdigest()[:16]
+      distributed.agree("manifest", f"fingerprint {fp} plan {plan}", cluster.timeout_s)
   except CljaxError as e:
     setup.error(e)
+    if cluster is not None:  # the others stop at the manifest's handshake
+      distributed.post("manifest", f"error: {e}")
     return 2
-  stream_of = dict(zip(seeds, streams, strict=True))
-  finished, to_run, problems = sweep_folder.plan(folder, settings, seeds, fp)
-  for problem in problems:
+  pid, n_processes = distributed.process()
+  for problem in problems if pid == 0 else []:
     setup.note(f"record not reused, running it again: {problem}")
   n_all = len(settings) * len(seeds)
   print(
@@ -275,22 +329,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     flush=True,
   )
   status = 0
-  if to_run and args.strategy == "processes":
-    status = _run_processes(args, to_run, folder, fp, cache.dir)
-  elif to_run:
+  if args.strategy == "processes" and (share := distributed.share(to_run)):
+    status = _run_processes(args, share, folder, fp, cache.dir)
+  elif to_run and args.strategy != "processes":
     status = _run_one_call(
       args, config, network, rule, to_run, stream_of, folder, fp, source, directory
     )
+  if cluster is not None:  # every record is written: process 0 writes the summary
+    try:
+      statuses = distributed.gather("finished", str(status), FINISH_TIMEOUT_S)
+    except CljaxError as e:
+      setup.error(e)
+      return 2
+    status = max(int(s) for s in statuses)
+    if pid != 0:
+      print(f"process {pid} of {n_processes} done; process 0 writes the summary", flush=True)
+      distributed.leave()
+      return status
   plots = not args.no_plots and run_folder.plotting_available()
   rows, _ = sweep_folder.write_summary(folder, fp, title=_title(args), plots=plots)
   print(sweep_folder.summary_markdown(rows, _title(args)))
   print(f"sweep folder: {folder}")
+  distributed.leave()
   return status
 
 
 def _record(args, config, setting, seed, result, started, source, directory) -> dict[str, Any]:
   """One run's record: `run_folder.make_record` with the run's own seed and hyper-parameters."""
-  settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds")}
+  settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds", *CLUSTER_FLAGS)}
   settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
   return run_folder.make_record(
     result,
@@ -401,8 +467,11 @@ def _run_one_call(
   args, config, network, rule, to_run, stream_of, folder, fp, source, directory
 ) -> int:
   """Runs the missing pairs in one compiled call across the devices, recording each as it ends."""
-  devices = jax.devices()
-  devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
+  devices = jax.devices()  # several processes: all of theirs (a global mesh), in JAX's order
+  if not distributed.is_joined():
+    devices = devices[: min(len(devices), len(to_run), args.devices or len(devices))]
+  pid, n_processes = distributed.process()
+  tag = f"process {pid}: " if n_processes > 1 else ""
   lock, errors, done = threading.Lock(), [], [0]
   start = [time.perf_counter()]
 
@@ -418,8 +487,8 @@ def _run_one_call(
     with lock:
       done[0] += 1
       print(
-        f"run {done[0]}/{len(to_run)} done: {setting.name} seed {seed}, Final {_final(record)} "
-        f"({time.perf_counter() - start[0]:.1f} s)",
+        f"{tag}run {done[0]}/{len(to_run)} done: {setting.name} seed {seed}, Final "
+        f"{_final(record)} ({time.perf_counter() - start[0]:.1f} s)",
         flush=True,
       )
 
@@ -430,6 +499,8 @@ def _run_one_call(
     jnp.asarray([s.memory_strength for s, _ in to_run], jnp.float32),
   )
   stacked = stack_streams([stream_of[seed] for seed in seeds])
+  if n_processes > 1:  # the same values in every process, as global arrays over all devices
+    keys, stacked, hparams = distributed.replicate((keys, stacked, hparams), devices)
   t0 = time.perf_counter()
   sweep = make_sweep(
     config, strategy=args.strategy, devices=devices, on_run=on_run, network=network, rule=rule
@@ -439,9 +510,10 @@ def _run_one_call(
   except CljaxError as e:
     setup.error(e)
     return 2
+  across = f" of {n_processes} processes" if n_processes > 1 else ""
   print(
-    f"compiled in {time.perf_counter() - t0:.1f} s; {len(to_run)} runs on {len(devices)} "
-    f"{devices[0].platform} device(s), strategy {args.strategy}",
+    f"{tag}compiled in {time.perf_counter() - t0:.1f} s; {len(to_run)} runs on {len(devices)} "
+    f"{devices[0].platform} device(s){across}, strategy {args.strategy}",
     flush=True,
   )
   start[0] = time.perf_counter()
@@ -452,7 +524,7 @@ def _run_one_call(
       f"{len(errors)} record(s) could not be written ({errors[0]}); the others are in {folder}"
     )
     return 2
-  print(f"{len(to_run)} runs in {time.perf_counter() - start[0]:.1f} s", flush=True)
+  print(f"{tag}{done[0]} runs in {time.perf_counter() - start[0]:.1f} s", flush=True)
   return 0
 
 

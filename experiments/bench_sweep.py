@@ -12,20 +12,25 @@ worker's share), compile time separately; all side by side in one invocation.
 """
 
 import argparse
+import json
 import multiprocessing
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", len(os.sched_getaffinity(0)))  # before any JAX op
+_ONE_OF_MANY = "--_process" in sys.argv  # a process of the multi-process row: one device each
+jax.config.update("jax_num_cpu_devices", 1 if _ONE_OF_MANY else len(os.sched_getaffinity(0)))
 
 import jax.numpy as jnp  # noqa: E402
 
-from cljax import data, tasks  # noqa: E402
+from cljax import data, distributed, tasks  # noqa: E402
 from cljax.run_folder import write_atomic  # noqa: E402
-from cljax.sweep import grid_hparams, make_sweep, stack_streams  # noqa: E402
+from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams  # noqa: E402
 from cljax.train import Config, default_hparams, make_train  # noqa: E402
 
 
@@ -85,6 +90,73 @@ def time_processes(args, seeds, n) -> tuple[float, float]:
   return warm, statistics.median(walls)
 
 
+def _bench_args(args) -> list[str]:
+  return [
+    *("--variant", args.variant, "--seeds", str(args.seeds), "--n_tasks", str(args.n_tasks)),
+    *("--samples_per_task", str(args.samples_per_task), "--log_every", str(args.log_every)),
+    *("--repeats", str(args.repeats)),
+  ]
+
+
+def time_distributed(args, n) -> tuple[float, float]:
+  """(compile s, median call s) of one sweep over n processes' devices (cljax.distributed).
+
+  Each process (this script with --_process) joins JAX's runtime on 127.0.0.1 and compiles the
+  sweep over the global mesh (map on CPUs, vmap on accelerators); each call starts after all
+  processes have met (a `distributed.gather`). Process 0's timings.
+  """
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  # On accelerators, process i gets device i of this host (JAX's JAX_LOCAL_DEVICE_IDS).
+  local = {"JAX_LOCAL_DEVICE_IDS": "{i}", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  local = {} if jax.default_backend() == "cpu" else local
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        __file__,
+        *_bench_args(args),
+        *("--_process", str(i), "--_of", str(n)),
+        *("--_coordinator", address),
+      ],
+      stdout=subprocess.PIPE,
+      text=True,
+      env={**os.environ, **{k: v.format(i=i) for k, v in local.items()}},
+    )
+    for i in range(n)
+  ]
+  outs = [p.communicate()[0] for p in procs]
+  if any(p.returncode for p in procs):
+    raise SystemExit(f"a process of the multi-process row failed: {outs}")
+  timings = json.loads(outs[0].strip().splitlines()[-1])
+  return timings["compile_s"], timings["call_s"]
+
+
+def _one_of_many(args) -> None:
+  """A process of the multi-process row: prints {"compile_s", "call_s"} (JSON) as its last line."""
+  distributed.join(distributed.Cluster(args._coordinator, args._of, args._process))
+  dataset = data.load_dataset("fashion_mnist")
+  seeds = list(range(args.seeds))
+  streams = [_stream(args, dataset, s) for s in seeds]
+  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
+  devices = jax.devices()  # all processes' devices
+  inputs = (jax.vmap(jax.random.key)(jnp.asarray(seeds)), stack_streams(streams))
+  inputs = distributed.replicate((*inputs, grid_hparams(config, len(seeds))), devices)
+  t0 = time.perf_counter()
+  fn = jax.jit(make_sweep(config, strategy=default_strategy(), devices=devices))
+  fn = fn.lower(*inputs).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for r in range(args.repeats):
+    distributed.gather(f"repeat{r}", "", 600.0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    times.append(time.perf_counter() - t0)
+  distributed.gather("end", "", 600.0)
+  print(json.dumps({"compile_s": compile_s, "call_s": statistics.median(times)}), flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="gem")
@@ -95,14 +167,24 @@ def main() -> None:
   parser.add_argument(
     "--strategies",
     nargs="+",
-    default=["processes1", "map1", "vmap1", "processes", "map", "vmap"],
+    default=["processes1", "map1", "vmap1", "processes", "map", "vmap", "distributed"],
     help="processes: worker processes running plain compiled runs (cljax.sweep_cli's CPU "
     "default); map / vmap: make_sweep (one compiled call); with a 1: one process / device, else "
-    "one per core",
+    "one per core; distributed: that call over a global mesh of one process per core with one "
+    "device each (cljax.distributed; on accelerators: --processes with their local devices)",
+  )
+  parser.add_argument(
+    "--processes", type=int, default=None, help="processes of distributed (default: one per core)"
   )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--_process", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--_of", type=int, default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--_coordinator", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args._process is not None:
+    _one_of_many(args)
+    return
 
   dataset = data.load_dataset("fashion_mnist")
   seeds = list(range(args.seeds))
@@ -131,6 +213,8 @@ def main() -> None:
   rows[0] = (*rows[0][:2], plain_s)
   devices = jax.devices()
   per_device = -(-len(seeds) // len(devices))
+  cpu = devices[0].platform == "cpu"
+  n_processes = args.processes or (len(os.sched_getaffinity(0)) if cpu else len(devices))
   candidates = {
     "processes1": ("1 process (plain runs one after another)", "processes", devices[:1]),
     "map1": ("map, 1 device", "map", devices[:1]),
@@ -138,8 +222,17 @@ def main() -> None:
     "processes": (f"{len(devices)} processes (plain runs)", "processes", devices),
     "map": (f"map, {len(devices)} devices", "map", devices),
     "vmap": (f"vmap ({per_device} per device), {len(devices)} devices", "vmap", devices),
+    "distributed": (
+      f"{default_strategy()}, {n_processes} processes x 1 device (jax.distributed)",
+      "distributed",
+      devices,
+    ),
   }
   for name, strategy, devs in (candidates[k] for k in args.strategies):
+    if strategy == "distributed":
+      rows.append((name, *time_distributed(args, n_processes)))
+      print(rows[-1], flush=True)
+      continue
     if strategy == "processes":
       rows.append((name, *time_processes(args, seeds, len(devs))))
       print(rows[-1], flush=True)
