@@ -34,6 +34,7 @@ class _Prepared(NamedTuple):
   config: train.Config
   network: Network | None  # None: the config's MLP
   rule: Rule | None  # --rule's; None: the config's variant
+  hparams: train.HParams  # the traced hyper-parameters (--lr, --memory_strength, --hparam)
   stream: tasks.TaskStream
   source: str  # "idx" or "tfds"
   directory: str | None  # the IDX folder read
@@ -50,6 +51,7 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
   network = setup.network_for(args)
   config = setup.train_config(args, network)
   rule = setup.rule_for(args, config)
+  hparams = setup.run_hparams(config, rule, setup.hparam_values(args))
   name = setup.run_name(args, args.seed)
   cache = setup.use_compile_cache(args)  # before JAX compiles anything
   data_path, note = setup.data_path_for(args)
@@ -60,7 +62,9 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     setup.warning(message)
   schedule = train.schedule(config, stream)
   folder = os.path.join(args.save_path, name)
-  return _Prepared(args, config, network, rule, stream, source, directory, folder, schedule, cache)
+  return _Prepared(
+    args, config, network, rule, hparams, stream, source, directory, folder, schedule, cache
+  )
 
 
 def _progress_line(t: int, n_tasks: int, acc_row, seconds: float | None = None) -> str:
@@ -83,9 +87,7 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
   n_tasks = p.stream.train_idx.shape[0]
   steps, chunk, n_chunks = p.schedule
   key = jax.random.key(p.args.seed)
-  hp = train.default_hparams(
-    p.config, p.rule
-  )  # an argument, as in a sweep: the same compiled program
+  hp = p.hparams  # an argument, as in a sweep: the same compiled program
   runner = train.make_task_runner(p.config, p.rule, network=p.network)
   t0 = time.perf_counter()
   pieces = _compile(runner, key, p.stream, hp, n_chunks)
@@ -96,6 +98,7 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
       "seed": p.args.seed,
       "network": p.args.network,
       "rule": p.args.rule,
+      "hparams": setup.hparam_values(p.args),
     },
     p.stream,
   )

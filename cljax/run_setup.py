@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from cljax import compile_cache, data, networks, presets, resnet, run_folder, tasks, train
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
@@ -108,6 +110,13 @@ class _Store(argparse.Action):
     if getattr(namespace, "given", None) is None:
       namespace.given = {}
     namespace.given.setdefault(self.dest, option_string)
+
+
+class _Append(_Store):
+  """argparse's "append" (a flag given several times), recorded in namespace.given too."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    super().__call__(parser, namespace, [*(getattr(namespace, self.dest) or []), values])
 
 
 class _StoreTrue(_Store):
@@ -311,6 +320,14 @@ def _add_own_flags(own, d: Mapping[str, Any]) -> None:
     help="a rule written outside cljax instead of --model's: FACTORY() or FACTORY(config) in "
     "MODULE (importable from the working directory or PYTHONPATH) returns a cljax.rules.Rule; "
     "--model's network form and settings still apply",
+  )
+  own.add_argument(
+    "--hparam",
+    action=_Append,
+    default=None,
+    metavar="NAME=VALUE",
+    help="a --rule's own traced hyper-parameter (its Rule.hparams), e.g. scale=0.5; repeat for "
+    "several; cljax.sweep_cli takes a comma-separated list, NAME=V1,V2, swept in one compile",
   )
   _add(
     own,
@@ -574,6 +591,52 @@ def rule_for(args: argparse.Namespace, config: train.Config) -> Rule | None:
       f"--rule {args.rule}: the factory returned a {type(rule).__name__}, not a cljax.rules.Rule"
     )
   return rule
+
+
+def hparam_values(args: argparse.Namespace) -> dict[str, float]:
+  """The --hparam NAME=VALUE flags as {name: value} (CljaxError: a malformed one, one line)."""
+  out = {}
+  for item in getattr(args, "hparam", None) or []:
+    name, sep, value = item.partition("=")
+    if not sep or not name.isidentifier():
+      raise CljaxError(f"--hparam {item!r}: give NAME=VALUE, e.g. scale=0.5")
+    try:
+      out[name] = float(value)
+    except ValueError:
+      raise CljaxError(f"--hparam {item}: {value!r} is not a number") from None
+  return out
+
+
+def run_hparams(
+  config: train.Config,
+  rule: Rule | None,
+  values: Mapping[str, float],
+  lr: float | None = None,
+  memory_strength: float | None = None,
+) -> train.HParams:
+  """A run's traced hyper-parameters (`train.HParams`).
+
+  lr and memory_strength (default: the config's) and the rule's own (`Rule.hparams`: its
+  defaults, overridden by values; rule None: the variant's, which has none).
+
+  Raises:
+    CljaxError: a value for a name the rule does not declare (one line).
+  """
+  declared = dict(rule.hparams or {}) if rule is not None else {}
+  unknown = sorted(set(values) - set(declared))
+  if unknown:
+    has = f"it declares {', '.join(sorted(declared))}" if declared else "it declares none"
+    raise CljaxError(
+      f"--hparam {unknown[0]}: the rule has no such hyper-parameter ({has}; --hparam sets a "
+      "--rule's own, Rule.hparams)"
+    )
+  f32 = np.float32
+  extra = {name: np.asarray(values.get(name, v), f32) for name, v in declared.items()} or None
+  return train.HParams(
+    np.asarray(config.lr if lr is None else lr, f32),
+    np.asarray(config.memory_strength if memory_strength is None else memory_strength, f32),
+    extra,
+  )
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,10 +2,11 @@
 
     python -m cljax.sweep_cli --model gem --seeds 10 [--lr 0.01,0.03] [--memory_strength 0,10]
 
-Every flag of `python -m cljax` is accepted; --lr and --memory_strength take comma-separated
-lists (their product is the grid: traced hyper-parameters, so the grid compiles once). On a CPU
-the runs go to worker processes, one per core, each running the plain compiled run (bit for bit
-`python -m cljax --seed s`); on accelerators all runs are one vmapped call split across the
+Every flag of `python -m cljax` is accepted; --lr, --memory_strength and a --rule's own
+--hparam NAME=V1,V2 take comma-separated lists (their product is the grid: traced
+hyper-parameters, so the grid compiles once). On a CPU the runs go to worker processes, one per
+core, each running the plain compiled run (bit for bit `python -m cljax --seed s`); on
+accelerators all runs are one vmapped call split across the
 devices (--strategy map / vmap do that on a CPU too, one host device per core).
 Each run's record is written atomically as it finishes into --sweep_dir (default
 {save_path}/sweeps/{variant}_{dataset}_{protocol}); running the same command again skips the
@@ -31,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,6 +92,21 @@ def split_grid(argv: Sequence[str]) -> tuple[list[str], dict[str, list[float]]]:
         f"one value (use {what}); only {', '.join('--' + f for f in SWEPT_FLAGS)} are traced "
         "and take comma-separated lists."
       )
+    if token.startswith("--") and name == "hparam" and value is not None:  # NAME=V1,V2
+      own, sep, listed_values = value.partition("=")
+      texts = [v for v in listed_values.split(",") if v.strip()] if sep else []
+      if not texts or not own.isidentifier():
+        raise CljaxError(f"--hparam {value!r}: give NAME=VALUE or NAME=V1,V2,..., e.g. scale=0.5,1")
+      values = []
+      for v in texts:
+        try:
+          values.append(float(v))
+        except ValueError:
+          raise CljaxError(f"--hparam {value}: {v!r} is not a number") from None
+      grid[f"hparam:{own}"] = list(dict.fromkeys(values))
+      out += ["--hparam", f"{own}={values[0]!r}"]
+      i += 1 if has_inline else 2
+      continue
     if token.startswith("--") and name in SWEPT_FLAGS and value is not None:
       try:
         values = [float(v) for v in value.split(",") if v.strip()]
@@ -105,6 +121,21 @@ def split_grid(argv: Sequence[str]) -> tuple[list[str], dict[str, list[float]]]:
     out.append(token)
     i += 1
   return out, grid
+
+
+def grid_settings(
+  args: argparse.Namespace, grid: Mapping[str, Sequence[float]]
+) -> list[sweep_folder.Setting]:
+  """The grid's points: the product of the --lr, --memory_strength and --hparam NAME lists."""
+  own = setup.hparam_values(args)  # each NAME's first value (the parsed command line's)
+  names = sorted(own)
+  lists = [grid.get(f"hparam:{n}", [own[n]]) for n in names]
+  return [
+    sweep_folder.Setting(lr, ms, tuple(zip(names, values, strict=True)))
+    for lr, ms, *values in itertools.product(
+      grid.get("lr", [args.lr]), grid.get("memory_strength", [args.memory_strength]), *lists
+    )
+  ]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -252,14 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     network = setup.network_for(args)
     config = setup.train_config(args, network)
     rule = setup.rule_for(args, config)
-    settings = [
-      sweep_folder.Setting(lr, ms)
-      for lr, ms in itertools.product(
-        grid.get("lr", [args.lr]), grid.get("memory_strength", [args.memory_strength])
-      )
-    ]
-    for s in settings:  # each grid point must be a valid config
+    settings = grid_settings(args, grid)
+    for s in settings:  # each grid point must be a valid config, its rule's own known
       dataclasses.replace(config, lr=s.lr, memory_strength=s.memory_strength)
+      setup.run_hparams(config, rule, dict(s.extra))
   except SystemExit as e:  # --help
     return int(e.code or 0)
   except CljaxError as e:
@@ -358,6 +385,8 @@ def _record(args, config, setting, seed, result, started, source, directory) -> 
   """One run's record: `run_folder.make_record` with the run's own seed and hyper-parameters."""
   settings = {k: v for k, v in vars(args).items() if k not in ("given", "seeds", *CLUSTER_FLAGS)}
   settings.update(seed=seed, lr=setting.lr, memory_strength=setting.memory_strength)
+  if setting.extra:  # the rule's own, this run's values
+    settings["hparam"] = [f"{k}={v!r}" for k, v in setting.extra]
   return run_folder.make_record(
     result,
     dataclasses.replace(config, lr=setting.lr, memory_strength=setting.memory_strength),
@@ -394,9 +423,7 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages, cache_dir) -> None:
     started = time.perf_counter()
     while os.getppid() == parent and (job := jobs.get()) is not None:
       setting, seed = job
-      hp = train.HParams(
-        jnp.asarray(setting.lr, jnp.float32), jnp.asarray(setting.memory_strength, jnp.float32)
-      )
+      hp = setup.run_hparams(config, rule, dict(setting.extra), setting.lr, setting.memory_strength)
       result = jax.device_get(run(jax.random.key(seed), stream_of[seed], hp))
       record = _record(args, config, setting, seed, result, started, source, directory)
       sweep_folder.write_record(folder, record, setting, seed, fp)
@@ -494,9 +521,8 @@ def _run_one_call(
 
   seeds = [seed for _, seed in to_run]
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-  hparams = train.HParams(
-    jnp.asarray([s.lr for s, _ in to_run], jnp.float32),
-    jnp.asarray([s.memory_strength for s, _ in to_run], jnp.float32),
+  hparams = train.stack(
+    [setup.run_hparams(config, rule, dict(s.extra), s.lr, s.memory_strength) for s, _ in to_run]
   )
   stacked = stack_streams([stream_of[seed] for seed in seeds])
   if n_processes > 1:  # the same values in every process, as global arrays over all devices

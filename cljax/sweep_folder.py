@@ -36,15 +36,33 @@ METRICS = ("final", "backward", "forward")  # GEM's printed statistics (cljax.me
 
 
 class Setting(NamedTuple):
-  """One grid point: the traced hyper-parameters (`cljax.train.HParams`) of a run."""
+  """One grid point: the traced hyper-parameters (`cljax.train.HParams`) of a run.
+
+  extra: a --rule's own (`Rule.hparams`), ((name, value), ...) sorted by name; () for none.
+  """
 
   lr: float
   memory_strength: float
+  extra: tuple[tuple[str, float], ...] = ()
 
   @property
   def name(self) -> str:
-    """E.g. "lr0.01_ms10" (a file-name-safe label)."""
-    return f"lr{self.lr:g}_ms{self.memory_strength:g}"
+    """E.g. "lr0.01_ms10", "lr0.01_ms10_scale0.5" (a file-name-safe label)."""
+    own = "".join(f"_{k}{v:g}" for k, v in self.extra)
+    return f"lr{self.lr:g}_ms{self.memory_strength:g}{own}"
+
+  def key(self) -> dict[str, Any]:
+    """The setting as JSON: {lr, memory_strength} and, with a rule's own, {"hparams": {...}}."""
+    key: dict[str, Any] = {"lr": self.lr, "memory_strength": self.memory_strength}
+    if self.extra:
+      key["hparams"] = dict(self.extra)
+    return key
+
+  @classmethod
+  def from_key(cls, key: Mapping[str, Any]) -> Setting:
+    """The inverse of `key`."""
+    extra = tuple(sorted((key.get("hparams") or {}).items()))
+    return cls(key["lr"], key["memory_strength"], extra)
 
 
 def fingerprint(fixed: Mapping[str, Any]) -> str:
@@ -104,7 +122,7 @@ def write_record(
 ) -> str:
   """Writes one run's record atomically, with its sweep key and a checksum; returns its path."""
   content = dict(record)
-  content["sweep"] = {"fingerprint": fp, "setting": setting._asdict(), "seed": int(seed)}
+  content["sweep"] = {"fingerprint": fp, "setting": setting.key(), "seed": int(seed)}
   content = json.loads(dumps(content))  # the values exactly as a reader will see them
   content["checksum"] = _sha256(content)
   path = record_path(folder, setting, seed)
@@ -128,7 +146,7 @@ def load_record(
   if checksum != _sha256(record):
     return None, f"{path}: checksum mismatch (truncated or edited)"
   key = record.get("sweep", {})
-  expected = {"fingerprint": fp, "setting": setting._asdict(), "seed": int(seed)}
+  expected = {"fingerprint": fp, "setting": setting.key(), "seed": int(seed)}
   if key != expected:
     return None, f"{path}: made for {key}, expected {expected}"
   if not all(k in record for k in ("matrix", "gem_stats", "counters")):
@@ -163,7 +181,7 @@ def folder_records(folder: str | os.PathLike, fp: str) -> list[dict[str, Any]]:
     try:
       with open(os.path.join(runs, name)) as f:
         key = json.load(f)["sweep"]
-      setting, seed = Setting(**key["setting"]), int(key["seed"])
+      setting, seed = Setting.from_key(key["setting"]), int(key["seed"])
     except (OSError, ValueError, KeyError, TypeError):
       continue
     record, _ = load_record(folder, setting, seed, fp)
@@ -209,15 +227,14 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """
   records = list(records)
   names = rule_counters(records)
-  groups: dict[tuple[float, float], list[Mapping[str, Any]]] = {}
+  groups: dict[Setting, list[Mapping[str, Any]]] = {}
   for r in records:
-    s = r["sweep"]["setting"]
-    groups.setdefault((s["lr"], s["memory_strength"]), []).append(r)
+    groups.setdefault(Setting.from_key(r["sweep"]["setting"]), []).append(r)
   rows = []
-  for (lr, ms), rs in sorted(groups.items()):
+  for setting, rs in sorted(groups.items()):
     ok = [r for r in rs if r.get("diverged_at_task") is None]
     row: dict[str, Any] = {
-      "setting": Setting(lr, ms)._asdict(),
+      "setting": setting.key(),
       "n": len(ok),
       "seeds": sorted(r["sweep"]["seed"] for r in rs),
       "diverged": len(rs) - len(ok),
@@ -251,7 +268,8 @@ def format_mean_std(cell: Mapping[str, float | None], digits: int = 4) -> str:
 def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
   """The summary table: one line per setting, a column per counter the rule reported."""
   names = sorted({n for row in rows for n in row.get("counters", {})})
-  head = ["lr", "memory_strength", "n", "Final", "Backward", "Forward", "forgetting", *names]
+  own = sorted({n for row in rows for n in row["setting"].get("hparams", {})})  # a rule's own
+  head = ["lr", "memory_strength", *own, "n", "Final", "Backward", "Forward", "forgetting", *names]
   lines = [
     f"# {title}",
     "",
@@ -272,9 +290,10 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]], title: str) -> str:
     s = row["setting"]
     cells = [format_mean_std(row[m]) for m in (*METRICS, "forgetting")]
     cells += [format_mean_std(row["counters"].get(n, _mean_std([]))) for n in names]
+    grid = [f"{s['lr']:g}", f"{s['memory_strength']:g}"]
+    grid += [f"{s['hparams'][n]:g}" if n in s.get("hparams", {}) else "-" for n in own]
     lines.append(
-      f"| {s['lr']:g} | {s['memory_strength']:g} | {row['n']} | " + " | ".join(cells) + f" | "
-      f"{row['diverged']} |"
+      f"| {' | '.join(grid)} | {row['n']} | " + " | ".join(cells) + f" | {row['diverged']} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -319,7 +338,7 @@ def write_summary(
   write_atomic(path, summary_markdown(rows, title).encode())
   written.append(path)
   if plots and rows:
-    labels = [Setting(**r["setting"]).name for r in rows]
+    labels = [Setting.from_key(r["setting"]).name for r in rows]
     path = os.path.join(folder, SUMMARY_PNG)
     write_atomic(path, plot_bars(labels, rows, title=title))
     written.append(path)

@@ -35,6 +35,14 @@ RULES = textwrap.dedent(
 
     return rules.stateless(update, uses_memory=False)
 
+  def scaled():  # g times its own traced hyper-parameter (--hparam scale=...)
+    def update(g, ctx, state):
+      return jax.tree.map(lambda a: ctx.hparams.extra["scale"] * a, g), {}, state
+
+    return rules.Rule(
+      init=lambda p, t: None, update=update, uses_memory=False, hparams={"scale": 1.0}
+    )
+
   def with_config(config):
     assert config.batch_size >= 1
     return halve()
@@ -100,6 +108,54 @@ def test_a_rule_from_a_module_runs_in_a_two_seed_sweep(real_fashion_dir, rules_m
     (row,) = json.load(f)["rows"]
   assert row["counters"]["halved"]["mean"] == 1.0  # every step of tasks 1..
   assert row["counters"]["task_max"]["mean"] == 1.0 and row["counters"]["task_mean"]["mean"] == 1.0
+
+
+@pytest.mark.realdata
+def test_a_rules_own_hyper_parameter_is_a_flag_of_the_run_and_of_the_sweep_grid(
+  real_fashion_dir, rules_module, capsys
+):
+  """--hparam scale=0.5 (one run) and --hparam scale=0.5,1 (a sweep's grid, one compile per
+  worker): each record equals the plain run of its value, bit for bit (the same program)."""
+  data = [*SHORT, "--data_path", real_fashion_dir, "--rule", "my_rules:scaled", "--seed", "0"]
+  plain = {}
+  for scale in ("0.5", "1"):
+    save = rules_module / f"plain{scale}"
+    assert cli.main([*data, "--save_path", str(save), "--hparam", f"scale={scale}"]) == 0
+    plain[scale] = matrix(save, "rule-my_rules.scaled_fashion_mnist_permutations_seed0")
+  assert plain["0.5"] != plain["1"]  # the value reached the rule
+  folder = rules_module / "sweep"
+  argv = [*data, "--save_path", str(rules_module), "--sweep_dir", str(folder)]
+  argv += ["--hparam", "scale=0.5,1", "--strategy", "processes", "--workers", "1"]
+  assert sweep_cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "| lr | memory_strength | scale | n |" in out  # the grid's own column in the summary
+  for scale, label in (("0.5", "0.5"), ("1", "1")):
+    with open(folder / "runs" / f"lr0.01_ms10_scale{label}_seed0.json") as f:
+      record = json.load(f)
+    assert record["matrix"] == plain[scale]
+    assert record["sweep"]["setting"]["hparams"] == {"scale": float(scale)}
+    assert record["config"]["hparam"] == [f"scale={float(scale)!r}"]
+
+
+@pytest.mark.parametrize(
+  "argv,match",
+  [
+    (
+      ["--hparam", "scale=2"],
+      "--hparam scale: the rule has no such hyper-parameter (it declares none",
+    ),
+    (["--rule", "my_rules:scaled", "--hparam", "size=2"], "(it declares scale;"),
+    (["--rule", "my_rules:scaled", "--hparam", "scale"], "--hparam 'scale': give NAME=VALUE"),
+    (["--rule", "my_rules:scaled", "--hparam", "scale=big"], "'big' is not a number"),
+  ],
+)
+def test_bad_hparam_values_are_one_line(rules_module, capsys, argv, match):
+  for main in (cli.main, sweep_cli.main):
+    assert main([*argv, "--save_path", str(rules_module / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("cljax: error: ")]
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+  assert not (rules_module / "out").exists()
 
 
 @pytest.mark.parametrize(
