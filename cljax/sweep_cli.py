@@ -369,7 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       setup.error(e)
       return 2
     status = max(int(s) for s in statuses)
-    if pid != 0:
+    if pid != 0:  # "read": process 0 (the key-value store's host) waits for it before leaving
+      distributed.post("read", "1")
       print(f"process {pid} of {n_processes} done; process 0 writes the summary", flush=True)
       distributed.leave()
       return status
@@ -377,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows, _ = sweep_folder.write_summary(folder, fp, title=_title(args), plots=plots)
   print(sweep_folder.summary_markdown(rows, _title(args)))
   print(f"sweep folder: {folder}")
+  if cluster is not None:
+    with contextlib.suppress(CljaxError):  # every other process has read the statuses
+      distributed.gather("read", "1", cluster.timeout_s)
   distributed.leave()
   return status
 
