@@ -606,16 +606,22 @@ def _run_parts(
     def step(state: TrainState, xs):
       t, j = xs
       j = jnp.minimum(j, steps - 1)
-      opt()  # made in this trace: eval_shape's must not be the first to make (and keep) it
-      shapes = jax.eval_shape(train_step, state, t, j)[1]  # the rule's counters (traced only)
-      _check_counters(shapes.counters)
+      traced = {}  # the step's stats as the taken branch traced them: the rule's counters
+
+      def take_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+        new, stats = train_step(state, t, j)
+        _check_counters(stats.counters)
+        traced["stats"] = _shapes(stats)
+        return new, stats
 
       def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-        del t, j
-        return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        if "stats" not in traced:  # a JAX tracing this branch first: trace the step for them
+          opt()  # made in this trace: eval_shape's must not be the first to make (and keep) it
+          traced["stats"] = jax.eval_shape(train_step, state, t, j)[1]
+        return state, _zeros(traced["stats"])
 
       valid = (xs[1] < steps) & ~state.diverged
-      return jax.lax.cond(valid, train_step, skip_step, state, t, j)
+      return jax.lax.cond(valid, take_step, skip_step, state, t, j)
 
     def chunk_then_eval(state: TrainState, t, c):
       """Chunk c of task t (log_every steps), then the evaluation of all tasks."""
@@ -824,6 +830,16 @@ def network_of(
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
 _RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot draws
 _EPOCH_KEY = 0x7FFFFFFD  # folded into the step key for the epochs' reshuffles
+
+
+def _shapes(tree: Any) -> Any:
+  """The shapes and dtypes of a pytree of (traced) arrays."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _zeros(shapes: Any) -> Any:
+  """Zeros of the shapes and dtypes of `_shapes`."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _check_counters(counters: Any) -> None:

@@ -155,12 +155,18 @@ def when_past(
   ctx: StepContext, project: Callable[[], tuple[PyTree, Counters]], g: PyTree
 ) -> tuple[PyTree, Counters]:
   """project() from task 1 on; on task 0 (no past task to protect) g unchanged, counters 0."""
-  shapes = jax.eval_shape(project)[1]  # traced only: no computation
+  traced = {}  # project's counters as its branch traced them (cond traces that branch first)
+
+  def projected():
+    g_new, counters = project()
+    traced["counters"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), counters)
+    return g_new, counters
 
   def unchanged():
+    shapes = traced["counters"] if "counters" in traced else jax.eval_shape(project)[1]
     return g, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  return jax.lax.cond(ctx.t > 0, project, unchanged)
+  return jax.lax.cond(ctx.t > 0, projected, unchanged)
 
 
 def single() -> Rule:
