@@ -606,22 +606,8 @@ def _run_parts(
     def step(state: TrainState, xs):
       t, j = xs
       j = jnp.minimum(j, steps - 1)
-      traced = {}  # the step's stats as the taken branch traced them: the rule's counters
-
-      def take_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-        new, stats = train_step(state, t, j)
-        _check_counters(stats.counters)
-        traced["stats"] = _shapes(stats)
-        return new, stats
-
-      def skip_step(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-        if "stats" not in traced:  # a JAX tracing this branch first: trace the step for them
-          opt()  # made in this trace: eval_shape's must not be the first to make (and keep) it
-          traced["stats"] = jax.eval_shape(train_step, state, t, j)[1]
-        return state, _zeros(traced["stats"])
-
       valid = (xs[1] < steps) & ~state.diverged
-      return jax.lax.cond(valid, take_step, skip_step, state, t, j)
+      return _step_or_skip(valid, train_step, opt, state, t, j)
 
     def chunk_then_eval(state: TrainState, t, c):
       """Chunk c of task t (log_every steps), then the evaluation of all tasks."""
@@ -830,6 +816,30 @@ def network_of(
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
 _RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot draws
 _EPOCH_KEY = 0x7FFFFFFD  # folded into the step key for the epochs' reshuffles
+
+
+def _step_or_skip(valid: jax.Array, train_step: Callable, prepare: Callable, state, t, j):
+  """train_step(state, t, j) -> (state, StepStats) where valid, else state and zero stats.
+
+  The zeros take the stats' structure (the rule's counters) from the taken branch, which
+  lax.cond traces first; a JAX tracing the other branch first gets it from eval_shape, after
+  prepare() (what the step memoises must be made in this trace, not in eval_shape's).
+  """
+  traced = {}
+
+  def take(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+    new, stats = train_step(state, t, j)
+    _check_counters(stats.counters)
+    traced["stats"] = _shapes(stats)
+    return new, stats
+
+  def skip(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
+    if "stats" not in traced:
+      prepare()
+      traced["stats"] = jax.eval_shape(train_step, state, t, j)[1]
+    return state, _zeros(traced["stats"])
+
+  return jax.lax.cond(valid, take, skip, state, t, j)
 
 
 def _shapes(tree: Any) -> Any:
