@@ -630,6 +630,7 @@ def run_hparams(
       f"--hparam {unknown[0]}: the rule has no such hyper-parameter ({has}; --hparam sets a "
       "--rule's own, Rule.hparams)"
     )
+  # numpy, not `train.default_hparams`' jax arrays: a sweep calls this before JAX's backend starts
   f32 = np.float32
   extra = {name: np.asarray(values.get(name, v), f32) for name, v in declared.items()} or None
   return train.HParams(

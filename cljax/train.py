@@ -51,7 +51,7 @@ from cljax.networks import (
   task_params,
 )
 from cljax.rules import agem, registry
-from cljax.rules.base import HParams, Rule, StepContext, TaskEndContext
+from cljax.rules.base import NETWORKS, HParams, Rule, StepContext, TaskEndContext, cond_or_zeros
 from cljax.rules.er import BUFFERS as ER_BUFFERS
 from cljax.rules.ewc import FISHERS
 
@@ -322,7 +322,10 @@ class RunResult(NamedTuple):
 
 
 def default_hparams(config: Config, rule: Rule | None = None) -> HParams:
-  """The config's lr and memory_strength, and the rule's own defaults (`Rule.hparams`), float32."""
+  """The config's lr and memory_strength, and the rule's own defaults (`Rule.hparams`), float32.
+
+  Numpy scalars: made before JAX's backend starts (a sweep sets its device count first).
+  """
   extra = None
   if rule is not None and rule.hparams:
     extra = {name: jnp.asarray(v, jnp.float32) for name, v in rule.hparams.items()}
@@ -519,6 +522,10 @@ def _run_parts(
     raise CljaxError(
       f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
     )
+  if rule.networks not in NETWORKS:
+    raise CljaxError(
+      f"unknown networks {rule.networks!r} of the rule: choose {', '.join(NETWORKS)}."
+    )
   evaluate = make_evaluate(config, network, rule)
 
   def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
@@ -588,6 +595,7 @@ def _run_parts(
       key = jax.random.fold_in(step_key, state.step)
       ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
       g, counters, rule_state = rule.update(g, ctx, state.rule_state)
+      _check_counters(counters)
       if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself
         memory = write_reservoir(memory, x, y, jax.random.fold_in(key, _RESERVOIR_KEY))
       updates, opt_state = opt().update(g, state.opt_state, state.params)
@@ -607,7 +615,7 @@ def _run_parts(
       t, j = xs
       j = jnp.minimum(j, steps - 1)
       valid = (xs[1] < steps) & ~state.diverged
-      return _step_or_skip(valid, train_step, opt, state, t, j)
+      return cond_or_zeros(valid, train_step, lambda state, t, j: state, state, t, j, prepare=opt)
 
     def chunk_then_eval(state: TrainState, t, c):
       """Chunk c of task t (log_every steps), then the evaluation of all tasks."""
@@ -816,40 +824,6 @@ def network_of(
 _TASK_END_KEY = 0x7FFFFFFF  # folded into the step key for the rules' task-end random choices
 _RESERVOIR_KEY = 0x7FFFFFFE  # folded into a step's key for the reservoir's slot draws
 _EPOCH_KEY = 0x7FFFFFFD  # folded into the step key for the epochs' reshuffles
-
-
-def _step_or_skip(valid: jax.Array, train_step: Callable, prepare: Callable, state, t, j):
-  """train_step(state, t, j) -> (state, StepStats) where valid, else state and zero stats.
-
-  The zeros take the stats' structure (the rule's counters) from the taken branch, which
-  lax.cond traces first; a JAX tracing the other branch first gets it from eval_shape, after
-  prepare() (what the step memoises must be made in this trace, not in eval_shape's).
-  """
-  traced = {}
-
-  def take(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-    new, stats = train_step(state, t, j)
-    _check_counters(stats.counters)
-    traced["stats"] = _shapes(stats)
-    return new, stats
-
-  def skip(state: TrainState, t, j) -> tuple[TrainState, StepStats]:
-    if "stats" not in traced:
-      prepare()
-      traced["stats"] = jax.eval_shape(train_step, state, t, j)[1]
-    return state, _zeros(traced["stats"])
-
-  return jax.lax.cond(valid, take, skip, state, t, j)
-
-
-def _shapes(tree: Any) -> Any:
-  """The shapes and dtypes of a pytree of (traced) arrays."""
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-
-
-def _zeros(shapes: Any) -> Any:
-  """Zeros of the shapes and dtypes of `_shapes`."""
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def _check_counters(counters: Any) -> None:

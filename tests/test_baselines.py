@@ -312,3 +312,10 @@ def test_a_rule_with_an_unknown_memory_policy_is_one_line():
   with pytest.raises(CljaxError, match="unknown memory_writes 'fifo' of the rule") as err:
     make_train(small(variant="er"), rule=rule)
   assert "\n" not in str(err.value)
+
+
+def test_a_rule_with_an_unknown_network_form_is_one_line():
+  rule = er(3)._replace(networks="per_head")
+  with pytest.raises(CljaxError, match="unknown networks 'per_head' of the rule") as err:
+    make_train(small(variant="er"), rule=rule)
+  assert "\n" not in str(err.value)

@@ -151,22 +151,41 @@ def qp_counters(violated: jax.Array, projected: jax.Array, info: Any) -> Counter
   }
 
 
+def cond_or_zeros(
+  pred: jax.Array,
+  fn: Callable[..., tuple[Any, Any]],
+  kept: Callable[..., Any],
+  *operands: Any,
+  prepare: Callable[[], Any] | None = None,
+) -> tuple[Any, Any]:
+  """fn(*operands) -> (a, b) where pred, else (kept(*operands), zeros shaped like b).
+
+  b's structure (e.g. a rule's counters, known only once traced) comes from fn's branch, which
+  lax.cond traces first; a JAX tracing the other branch first gets it from eval_shape, after
+  prepare() (what fn memoises must be made in this trace, not in eval_shape's).
+  """
+  traced = {}
+
+  def taken(*args):
+    a, b = fn(*args)
+    traced["b"] = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), b)
+    return a, b
+
+  def other(*args):
+    if "b" not in traced:
+      if prepare is not None:
+        prepare()
+      traced["b"] = jax.eval_shape(fn, *args)[1]
+    return kept(*args), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), traced["b"])
+
+  return jax.lax.cond(pred, taken, other, *operands)
+
+
 def when_past(
   ctx: StepContext, project: Callable[[], tuple[PyTree, Counters]], g: PyTree
 ) -> tuple[PyTree, Counters]:
   """project() from task 1 on; on task 0 (no past task to protect) g unchanged, counters 0."""
-  traced = {}  # project's counters as its branch traced them (cond traces that branch first)
-
-  def projected():
-    g_new, counters = project()
-    traced["counters"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), counters)
-    return g_new, counters
-
-  def unchanged():
-    shapes = traced["counters"] if "counters" in traced else jax.eval_shape(project)[1]
-    return g, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-  return jax.lax.cond(ctx.t > 0, projected, unchanged)
+  return cond_or_zeros(ctx.t > 0, project, lambda: g)
 
 
 def single() -> Rule:
