@@ -404,13 +404,14 @@ def uses_qp(variant: str, projection: str | None = None) -> bool:
 
 # The registry's rule settings as flags (argparse dests): "grouped" is the grouped variants' flags.
 _RULE_DESTS = {
-  name: tuple(GROUPED_FLAGS) if name == "grouped" else (name,) for name in registry.RULE_SETTINGS
+  name: tuple(GROUPED_FLAGS) if name == "grouped" else (name,)
+  for name in (registry.ENGINE_SETTINGS | set(registry.SETTINGS)) - set(registry.OVERRIDES)
 }
 
 
 def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> frozenset[str]:
   """The flags (argparse dests) that `variant` does not read: reported as unused when given."""
-  reads = registry.settings_read(variant, agem_ref, projection)
+  reads = registry.settings_read(variant, agem_ref=agem_ref, projection=projection)
   unused = {d for name, dests in _RULE_DESTS.items() if name not in reads for d in dests}
   return frozenset(unused | set(SEED_ONLY_FLAGS))
 

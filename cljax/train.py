@@ -223,7 +223,7 @@ class Config:
       choices, value = field.metadata.get("choices"), getattr(self, field.name)
       if choices is not None and value is not None and value not in choices:
         raise CljaxError(f"unknown {field.name} {value!r}: choose one of {', '.join(choices)}.")
-    reads = registry.settings_read(self.variant, self.agem_ref, self.projection)
+    reads = registry.settings_read(self.variant, agem_ref=self.agem_ref, projection=self.projection)
     for name in ("reference_row", "trigger", "projection"):
       if getattr(self, name) is not None and not registry.composes(self.variant, self.agem_ref):
         raise CljaxError(
@@ -593,7 +593,7 @@ def _run_parts(
       else:
         loss, g = jax.value_and_grad(batch_loss)(state.params, x, y)
       key = jax.random.fold_in(step_key, state.step)
-      ctx = StepContext(t, state.params, x, y, memory, hp, key, apply)
+      ctx = StepContext(t, state.params, x, y, memory, hp, key, apply, config.memory_grads)
       g, counters, rule_state = rule.update(g, ctx, state.rule_state)
       _check_counters(counters)
       if rule.uses_memory and rule.memory_writes == "reservoir":  # after: never replays x itself

@@ -94,7 +94,7 @@ def test_an_unknown_grouped_rule_is_one_line():
   with pytest.raises(
     CljaxError, match="unknown grouped rule 'gem_groups': choose one of gem_grouped"
   ):
-    rules.grouped("gem_groups", GroupedConfig(), n_hiddens=100, n_layers=2)
+    rules.grouped("gem_groups", GroupedConfig())
 
 
 def test_one_trace_for_several_seeds_and_hyper_parameters(stream):

@@ -59,16 +59,23 @@ class Projection(NamedTuple):
   project: Callable[[PyTree, PyTree, jax.Array | None, StepContext], tuple[PyTree, Counters]]
 
 
-def task_sum(mode: str = "factored") -> Reference:
-  """sum_{k<t} r_k, the seed's "accumulated" memory gradient (way 1)."""
-  return Reference("sum", lambda ctx, checks: memory_grads.past_grad_sum(ctx, mode, checks))
+def task_sum(mode: str | None = None) -> Reference:
+  """sum_{k<t} r_k, the seed's "accumulated" memory gradient (way 1).
+
+  mode: how the r_k are computed (`cljax.memory_grads.MODES`; None: the run's,
+  `StepContext.memory_grads`).
+  """
+  return Reference(
+    "sum",
+    lambda ctx, checks: memory_grads.past_grad_sum(ctx, mode or ctx.memory_grads, checks),
+  )
 
 
-def task_mean(mode: str = "factored") -> Reference:
-  """(1 / t) sum_{k<t} r_k, the mean of the per-task memory gradients."""
+def task_mean(mode: str | None = None) -> Reference:
+  """(1 / t) sum_{k<t} r_k, the mean of the per-task memory gradients (mode: as `task_sum`)."""
 
   def row(ctx, checks):
-    row_sum, dots = memory_grads.past_grad_sum(ctx, mode, checks)
+    row_sum, dots = memory_grads.past_grad_sum(ctx, mode or ctx.memory_grads, checks)
     return jax.tree.map(lambda r: r / jnp.maximum(ctx.t, 1).astype(r.dtype), row_sum), dots
 
   return Reference("mean", row)

@@ -42,7 +42,9 @@ class StepContext(NamedTuple):
 
   t: () int32 the current task; params: the parameters before the step; x (B, D), y (B,): the
   batch; memory: the episodic memory, the batch already written; hparams: `HParams`; key: the
-  step's PRNG key; apply: apply(params, x) -> logits, the network.
+  step's PRNG key; apply: apply(params, x) -> logits, the network; memory_grads: the run's way
+  of computing memory gradients (static; `cljax.memory_grads.MODES`: "factored" where the
+  network allows, else "explicit"), which a rule built without its own mode follows.
   """
 
   t: jax.Array
@@ -53,6 +55,7 @@ class StepContext(NamedTuple):
   hparams: HParams
   key: jax.Array
   apply: Callable[[PyTree, jax.Array], jax.Array]
+  memory_grads: str = "factored"
 
   @property
   def past(self) -> jax.Array:

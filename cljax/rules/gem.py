@@ -19,8 +19,12 @@ from cljax.projections import gem_dual, gem_project
 from cljax.rules.base import Rule, StepContext, qp_counters, stateless, when_past
 
 
-def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> Rule:
-  """GEM's rule: margin = the traced memory_strength; mode: "factored" or "explicit" rows."""
+def gem(mode: str | None = None, *, eps: float = 1e-3, max_iter: int = 1000) -> Rule:
+  """GEM's rule: margin = the traced memory_strength.
+
+  mode: "factored" or "explicit" memory-gradient rows (None: the run's, `StepContext.memory_grads`);
+  eps: the ridge on the rows' Gram matrix; max_iter: the dual solver's iteration cap.
+  """
 
   def project(g, ctx: StepContext):
     past = ctx.past
@@ -30,7 +34,7 @@ def gem(mode: str = "factored", *, eps: float = 1e-3, max_iter: int = 1000) -> R
       "eps": eps,
       "max_iter": max_iter,
     }
-    if mode == "explicit":
+    if (mode or ctx.memory_grads) == "explicit":
       g_new, info = gem_project(g, memory_grads.past_rows(ctx), **qp_args)
       return g_new, qp_counters(info.violated, info.projected, info.qp)
 

@@ -38,16 +38,14 @@ from cljax.rules.base import Rule, StepContext, TaskEndContext, qp_counters, whe
 GROUPED_RULES = ("gem_grouped", "agem_grouped", "agem_qp_grouped")
 
 
-def grouped(
-  kind: str,
-  config: GroupedConfig,
-  n_hiddens: int,
-  n_layers: int,
-  *,
-  eps: float = 1e-3,
-  max_iter: int = 1000,
-) -> Rule:
-  """The grouped rule `kind` (one of GROUPED_RULES) on an MLP of n_layers x n_hiddens units."""
+def grouped(kind: str, config: GroupedConfig, *, eps: float = 1e-3, max_iter: int = 1000) -> Rule:
+  """The grouped rule `kind` (one of GROUPED_RULES) on cljax's MLP (`cljax.models.MLP`).
+
+  config: the groups and relatedness settings; eps, max_iter: the QP's ridge and iteration cap
+  (gem_grouped, agem_qp_grouped). The hidden layers' count and width are read from the
+  parameters at init; the rows come from per-example factors (the run's memory_grads must be
+  "factored").
+  """
   if kind not in GROUPED_RULES:
     raise CljaxError(f"unknown grouped rule {kind!r}: choose one of {', '.join(GROUPED_RULES)}.")
   conditional_projection = conditional().project
@@ -107,9 +105,15 @@ def grouped(
 
   def init(params, n_tasks):
     n_classes = params["out"]["bias"].shape[0]
+    n_layers = sum(1 for name in params if name.startswith("hidden_"))
+    n_hiddens = params["hidden_0"]["bias"].shape[0] if n_layers else 0  # refused by init
     return grouped_init(config, n_tasks, n_hiddens, n_layers, n_classes)
 
   def update(g, ctx: StepContext, state):
+    if ctx.memory_grads != "factored":
+      raise CljaxError(
+        f"{kind} builds its grouped rows from per-example factors: use memory_grads 'factored'."
+      )
     # the task statistics, with the current parameters; the projection reads the state before
     acts, logits = hidden_activations(ctx.params, ctx.x)
     extra = extra_vector(config, ctx.y, logits)

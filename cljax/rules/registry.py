@@ -1,39 +1,31 @@
-"""The built-in variants: each name's rule factory, the settings it reads, its one-line help.
+"""The built-in rules by name: each name's factory, the settings it reads, its one-line help.
 
-Everything that depends on the variant (the Config's checks, the CLI's `--help` and its report of
-given flags a variant does not use, run names, sweep titles) asks this registry; nothing else
-lists variants. A factory takes the run's `cljax.train.Config` and returns its `Rule`.
+    rule = registry.make("gem", eps=1e-4)              # any setting not given: its default
+    rule = registry.make("agem", agem_ref="task_mean")
+    train = cljax.make_train(config, rule)
+
+A built-in rule's settings are its factory's arguments; `SETTINGS` declares each once (default,
+help, choices), and the command line takes them as its flags. Everything that depends on the
+name (the command line's flags, its report of given flags a rule does not read, run names,
+sweep titles) asks this registry; nothing else lists the built-in rules.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from cljax.errors import CljaxError
+from cljax.grouped.state import GroupedConfig
 from cljax.rules import agem
 from cljax.rules.base import Rule, independent, single
+from cljax.rules.er import BUFFERS as ER_BUFFERS
 from cljax.rules.er import er
-from cljax.rules.ewc import ewc
+from cljax.rules.ewc import FISHERS, ewc
 from cljax.rules.gem import gem
 from cljax.rules.grouped import GROUPED_RULES, grouped
 
-# The settings a variant may read besides the network, the data and the schedule (Config fields;
-# "grouped" stands for all of `GroupedConfig`'s).
-QP_SETTINGS = frozenset({"memory_strength", "eps", "qp_max_iter"})
-RULE_SETTINGS = frozenset(
-  {
-    "n_memories",
-    "memory_grads",
-    "agem_ref",
-    "replay_batch_size",
-    "replay_buffer",
-    "fisher",
-    "finetune",
-    "grouped",
-    *QP_SETTINGS,
-  }
-)
 AGEM_REFS = ("pooled", "task_mean")
 # The task-mean A-GEM family: each variant is a (reference row, trigger, projection) preset.
 AGEM_RULES = {
@@ -42,26 +34,106 @@ AGEM_RULES = {
   "agem_new": ("mean", "per_task", "unconditional"),  # the seed's way 2
   "agem_qp_mean": ("mean", "per_task", "qp"),  # the seed's way 3
 }
+REFERENCE_ROWS = tuple(agem.REFERENCES)
+TRIGGERS = tuple(agem.TRIGGERS)
+PROJECTIONS = tuple(agem.PROJECTIONS)
+OVERRIDES = ("reference_row", "trigger", "projection")  # the A-GEM family's piece overrides
+
+
+class Setting(NamedTuple):
+  """A built-in rule's setting: its default, its flag's help text and choices.
+
+  gem: one of GEM's own flags (listed with the seed's command line); minimum: the least value
+  of a number (None: any finite one).
+  """
+
+  default: Any
+  help: str
+  choices: tuple[str, ...] | None = None
+  gem: bool = False
+  minimum: float | None = None
+
+
+SETTINGS: dict[str, Setting] = {
+  "agem_ref": Setting(
+    "pooled",
+    "agem's reference gradient: a sample of the pooled memory (the A-GEM paper) or the mean of "
+    "the per-task memory gradients",
+    AGEM_REFS,
+  ),
+  "replay_batch_size": Setting(
+    10, "agem with --agem_ref pooled and er: examples sampled from the memory", gem=True, minimum=1
+  ),
+  "finetune": Setting(
+    "no",
+    "independent: network t starts as network t - 1 (yes) or from its own init",
+    ("yes", "no"),
+    gem=True,
+  ),
+  "replay_buffer": Setting(
+    "ring",
+    "er: GEM's ring buffer per task, sampled from the past tasks, or one reservoir over the stream",
+    ER_BUFFERS,
+  ),
+  "fisher": Setting(
+    "empirical",
+    "ewc: the diagonal Fisher as the mean of squared per-example gradients (the EWC paper's) or "
+    "the square of the mean memory gradient (the GEM code's)",
+    FISHERS,
+  ),
+  "eps": Setting(1e-3, "ridge on the QP's Gram matrix (official GEM code: 1e-3)", minimum=0),
+  "qp_max_iter": Setting(1000, "iteration cap of the QP solver", minimum=1),
+  "reference_row": Setting(
+    None,
+    "A-GEM family: the reference row, the mean or the sum of the per-task memory gradients "
+    "(default: the variant's preset, "
+    + ", ".join(f"{v} = {'/'.join(r)}" for v, r in AGEM_RULES.items())
+    + " as reference_row/trigger/projection)",
+    REFERENCE_ROWS,
+  ),
+  "trigger": Setting(
+    None,
+    "A-GEM family: when g may change: <g, ref> < 0 (reference) or GEM's per-task check (per_task)",
+    TRIGGERS,
+  ),
+  "projection": Setting(
+    None,
+    "A-GEM family: the paper's conditional projection, the unconditional removal of the ref "
+    "component, or GEM's QP on the one row (margin --memory_strength)",
+    PROJECTIONS,
+  ),
+  # Not a flag itself: the command line's grouped flags are GroupedConfig's fields.
+  "grouped": Setting(
+    GroupedConfig(), "the grouped variants' groups and relatedness (a GroupedConfig)"
+  ),
+}
+# The engine's settings (`cljax.train.Config` fields) that only some rules read: a command line
+# that gives one to a rule that does not read it is told so.
+ENGINE_SETTINGS = frozenset({"n_memories", "memory_grads", "memory_strength"})
+QP_SETTINGS = frozenset({"memory_strength", "eps", "qp_max_iter"})
 
 
 class Variant(NamedTuple):
-  """A built-in variant (`VARIANTS`).
+  """A built-in rule (`VARIANTS`).
 
-  make(config) -> Rule; reads(agem_ref, projection) -> the settings read. What a rule needs of
-  the network it declares itself (`Rule.networks`, `Rule.hidden_units`).
+  build(settings) -> Rule, settings every `SETTINGS` name -> value; reads(settings) -> the names
+  (of SETTINGS and ENGINE_SETTINGS) it reads with these settings. What a rule needs of the
+  network it declares itself (`Rule.networks`, `Rule.hidden_units`).
   """
 
   name: str
   help: str
-  make: Callable[[Any], Rule]
-  reads: Callable[[str, str | None], frozenset[str]]
+  build: Callable[[Mapping[str, Any]], Rule]
+  reads: Callable[[Mapping[str, Any]], frozenset[str]]
 
 
-def agem_pieces(config: Any) -> tuple[str, str, str]:
-  """(reference_row, trigger, projection) of a task-mean A-GEM family run: preset + overrides."""
-  preset = AGEM_RULES[config.variant]
-  overrides = (config.reference_row, config.trigger, config.projection)
-  return tuple(o if o is not None else p for o, p in zip(overrides, preset, strict=True))
+def agem_pieces(variant: str, settings: Mapping[str, Any]) -> tuple[str, str, str]:
+  """(reference_row, trigger, projection) of a task-mean A-GEM family rule: preset + overrides."""
+  preset = AGEM_RULES[variant]
+  return tuple(
+    settings.get(name) if settings.get(name) is not None else p
+    for name, p in zip(OVERRIDES, preset, strict=True)
+  )
 
 
 def composes(variant: str, agem_ref: str) -> bool:
@@ -69,47 +141,36 @@ def composes(variant: str, agem_ref: str) -> bool:
   return variant in AGEM_RULES and not (variant == "agem" and agem_ref == "pooled")
 
 
-def _agem_family(config: Any) -> Rule:
-  if config.variant == "agem" and config.agem_ref == "pooled":
+def _agem_family(variant: str) -> Callable[[Mapping[str, Any]], Rule]:
+  def build(s: Mapping[str, Any]) -> Rule:
+    if not composes(variant, s["agem_ref"]):
+      return agem.agem_rule(
+        agem.pooled(s["replay_batch_size"]), agem.reference_trigger(), agem.conditional()
+      )
+    reference, trigger, projection = agem_pieces(variant, s)
+    qp_args = {"eps": s["eps"], "max_iter": s["qp_max_iter"]} if projection == "qp" else {}
     return agem.agem_rule(
-      agem.pooled(config.replay_batch_size), agem.reference_trigger(), agem.conditional()
+      agem.REFERENCES[reference](),
+      agem.TRIGGERS[trigger](),
+      agem.PROJECTIONS[projection](**qp_args),
     )
-  reference, trigger, projection = agem_pieces(config)
-  qp_args = {"eps": config.eps, "max_iter": config.qp_max_iter} if projection == "qp" else {}
-  return agem.agem_rule(
-    agem.REFERENCES[reference](config.memory_grads),
-    agem.TRIGGERS[trigger](),
-    agem.PROJECTIONS[projection](**qp_args),
-  )
+
+  return build
 
 
-def _family_reads(variant: str) -> Callable[[str, str | None], frozenset[str]]:
-  def reads(agem_ref: str, projection: str | None) -> frozenset[str]:
-    if variant == "agem" and agem_ref == "pooled":
+def _family_reads(variant: str) -> Callable[[Mapping[str, Any]], frozenset[str]]:
+  def reads(s: Mapping[str, Any]) -> frozenset[str]:
+    if not composes(variant, s["agem_ref"]):
       return frozenset({"n_memories", "agem_ref", "replay_batch_size"})
-    qp = (projection or AGEM_RULES[variant][2]) == "qp"
-    own = {"n_memories", "memory_grads", *(("agem_ref",) if variant == "agem" else ())}
+    qp = agem_pieces(variant, s)[2] == "qp"
+    own = {"n_memories", "memory_grads", *OVERRIDES, *(("agem_ref",) if variant == "agem" else ())}
     return frozenset(own | (QP_SETTINGS if qp else set()))
 
   return reads
 
 
-def _grouped(kind: str) -> Callable[[Any], Rule]:
-  def make(config: Any) -> Rule:
-    return grouped(
-      kind,
-      config.grouped,
-      config.n_hiddens,
-      config.n_layers,
-      eps=config.eps,
-      max_iter=config.qp_max_iter,
-    )
-
-  return make
-
-
-def _fixed(*names: str) -> Callable[[str, str | None], frozenset[str]]:
-  return lambda agem_ref, projection: frozenset(names)
+def _fixed(*names: str) -> Callable[[Mapping[str, Any]], frozenset[str]]:
+  return lambda s: frozenset(names)
 
 
 _FAMILY_HELP = {
@@ -124,45 +185,44 @@ _GROUPED_HELP = {
   "agem_grouped": "A-GEM's conditional projection on the mean grouped row",
   "agem_qp_grouped": "the seed's grouped attempt: the mean grouped row into GEM's QP",
 }
+_GROUPED_QP = ("n_memories", "memory_grads", "grouped", "eps", "qp_max_iter")
 
 VARIANTS: dict[str, Variant] = {
-  "single": Variant("single", "plain SGD on the current task", lambda c: single(), _fixed()),
+  "single": Variant("single", "plain SGD on the current task", lambda s: single(), _fixed()),
   "independent": Variant(
     "independent",
     "one network of n_hiddens / n_tasks units per task, plain SGD (GEM's independent; "
     "--finetune yes starts network t from t - 1)",
-    lambda c: independent(c.finetune == "yes"),
+    lambda s: independent(s["finetune"] == "yes"),
     _fixed("finetune"),
   ),
   "gem": Variant(
     "gem",
     "GEM: one row per past task, the dual QP (margin --memory_strength)",
-    lambda c: gem(c.memory_grads, eps=c.eps, max_iter=c.qp_max_iter),
+    lambda s: gem(eps=s["eps"], max_iter=s["qp_max_iter"]),
     _fixed("n_memories", "memory_grads", *QP_SETTINGS),
   ),
   "ewc": Variant(
     "ewc",
     "EWC: penalty --memory_strength / 2 * sum_k F_k (theta - theta_k)^2, F_k the diagonal Fisher "
     "on task k's memory (--fisher)",
-    lambda c: ewc(c.fisher),
+    lambda s: ewc(s["fisher"]),
     _fixed("n_memories", "memory_strength", "fisher"),
   ),
   "er": Variant(
     "er",
     "experience replay: the batch joined with --replay_batch_size memory examples "
     "(--replay_buffer ring: past tasks' ring buffers; reservoir: one pool)",
-    lambda c: er(c.replay_batch_size, c.replay_buffer),
+    lambda s: er(s["replay_batch_size"], s["replay_buffer"]),
     _fixed("n_memories", "replay_batch_size", "replay_buffer"),
   ),
-  **{v: Variant(v, h, _agem_family, _family_reads(v)) for v, h in _FAMILY_HELP.items()},
+  **{v: Variant(v, h, _agem_family(v), _family_reads(v)) for v, h in _FAMILY_HELP.items()},
   **{
     v: Variant(
       v,
       h,
-      _grouped(v),
-      _fixed("n_memories", "memory_grads", "grouped", "eps", "qp_max_iter")
-      if v != "agem_grouped"
-      else _fixed("n_memories", "memory_grads", "grouped"),
+      lambda s, v=v: grouped(v, s["grouped"], eps=s["eps"], max_iter=s["qp_max_iter"]),
+      _fixed(*_GROUPED_QP) if v != "agem_grouped" else _fixed(*_GROUPED_QP[:3]),
     )
     for v, h in _GROUPED_HELP.items()
   },
@@ -170,25 +230,73 @@ VARIANTS: dict[str, Variant] = {
 GROUPED_VARIANTS = GROUPED_RULES
 
 
-def rule_for(config: Any) -> Rule:
-  """The built-in rule of config.variant.
+def _check(name: str, value: Any) -> None:
+  setting = SETTINGS[name]
+  if setting.choices is not None:
+    if value is not None and value not in setting.choices:
+      raise CljaxError(f"unknown {name} {value!r}: choose one of {', '.join(setting.choices)}.")
+  elif isinstance(setting.default, GroupedConfig):
+    if not isinstance(value, GroupedConfig):
+      raise CljaxError(
+        f"grouped must be a cljax.grouped.state.GroupedConfig, got {type(value).__name__}."
+      )
+  else:  # a number; non-finite refused: nan passes every comparison and the run would diverge
+    whole = isinstance(setting.default, int)
+    kind = "an int" if whole else "a finite number"
+    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value < setting.minimum:
+      raise CljaxError(f"{name} must be {kind} >= {setting.minimum:g}, got {value!r}.")
 
-  memory_grads "auto" is taken as the MLP's "factored"; `cljax.train.make_train` resolves it for
-  its network first (`cljax.train.resolve_config`).
+
+def settings(variant: str, **given: Any) -> dict[str, Any]:
+  """Every `SETTINGS` name -> its value for a rule: the given ones checked, the rest defaults.
+
+  Raises:
+    CljaxError: an unknown variant or setting, a bad value, or a setting the variant does not
+      read with these settings (one line).
   """
-  if getattr(config, "memory_grads", None) == "auto":
-    config = dataclasses.replace(config, memory_grads="factored")
-  return VARIANTS[config.variant].make(config)
+  if variant not in VARIANTS:
+    raise CljaxError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}.")
+  unknown = sorted(set(given) - set(SETTINGS))
+  if unknown:
+    raise CljaxError(
+      f"{variant} has no setting {unknown[0]!r}: the built-in rules' settings are "
+      f"{', '.join(SETTINGS)}."
+    )
+  for name, value in given.items():
+    _check(name, value)
+  full = {**{name: s.default for name, s in SETTINGS.items()}, **given}
+  reads = VARIANTS[variant].reads(full)
+  for name in given:
+    if name not in reads and given[name] != SETTINGS[name].default:
+      what = describe(variant, full["agem_ref"])[1]
+      if name in OVERRIDES:
+        raise CljaxError(
+          f"{name} applies to the task-mean A-GEM family ({', '.join(AGEM_RULES)}; agem with "
+          f"agem_ref task_mean), not to {what}."
+        )
+      raise CljaxError(f"{what} does not read {name} (it reads {', '.join(sorted(reads))}).")
+  return full
 
 
-def settings_read(variant: str, agem_ref: str = "pooled", projection: str | None = None):
-  """The RULE_SETTINGS the variant reads (with this agem_ref and projection override)."""
-  return VARIANTS[variant].reads(agem_ref, projection)
+def make(variant: str, **given: Any) -> Rule:
+  """The built-in rule `variant` with the given settings (`SETTINGS`; the rest at defaults).
+
+  Raises:
+    CljaxError: as `settings`, one line.
+  """
+  return VARIANTS[variant].build(settings(variant, **given))
+
+
+def settings_read(variant: str, **given: Any) -> frozenset[str]:
+  """The SETTINGS and ENGINE_SETTINGS names the variant reads with these settings."""
+  full = {**{name: s.default for name, s in SETTINGS.items()}, **given}
+  return VARIANTS[variant].reads(full)
 
 
 def uses_qp(variant: str, projection: str | None = None) -> bool:
   """Whether a run reads GEM's QP margin memory_strength."""
-  return "memory_strength" in settings_read(variant, "task_mean", projection)
+  return "memory_strength" in settings_read(variant, agem_ref="task_mean", projection=projection)
 
 
 def describe(variant: str, agem_ref: str | None) -> tuple[str, str]:
@@ -196,3 +304,10 @@ def describe(variant: str, agem_ref: str | None) -> tuple[str, str]:
   if variant == "agem" and agem_ref:
     return f"agem_{agem_ref}", f"agem (agem_ref {agem_ref})"
   return variant, variant
+
+
+def rule_for(config: Any) -> Rule:
+  """The built-in rule of config.variant with the config's settings of it."""
+  reads = settings_read(config.variant, agem_ref=config.agem_ref, projection=config.projection)
+  given = {name: getattr(config, name) for name in SETTINGS if name in reads}
+  return make(config.variant, **given)
