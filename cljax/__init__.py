@@ -2,11 +2,13 @@
 
     stream = cljax.make_stream(cljax.load_dataset("fashion_mnist"), protocol="permutations",
                                n_tasks=10, samples_per_task=1000, seed=3)
-    result = jax.jit(cljax.make_train(cljax.Config(variant="agem_new")))(jax.random.key(3), stream)
+    train = cljax.make_train(cljax.Config(), cljax.rules.make("agem_new"))
+    result = jax.jit(train)(jax.random.key(3), stream)
 
-Any `cljax.rules.Rule` runs in the same engine: `cljax.make_train(config, rule=...)`, and any Flax
-module: `cljax.make_train(config, network=cljax.networks.from_module(module, input_shape=(28, 28,
-1), n_classes=10))`.
+The engine's settings are the `Config`; a rule's are its factory's arguments (the built-in ones
+by name: `cljax.rules.make`). Any `cljax.rules.Rule` runs in the same engine:
+`cljax.make_train(config, rule)`, and any Flax module: `cljax.make_train(config, rule,
+network=cljax.networks.from_module(module, input_shape=(28, 28, 1), n_classes=10))`.
 """
 
 from cljax import networks, rules, transforms

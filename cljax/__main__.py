@@ -33,7 +33,7 @@ class _Prepared(NamedTuple):
   args: argparse.Namespace
   config: train.Config
   network: Network | None  # None: the config's MLP
-  rule: Rule | None  # --rule's; None: the config's variant
+  rule: Rule  # --model's with its settings, or --rule's
   hparams: train.HParams  # the traced hyper-parameters (--lr, --memory_strength, --hparam)
   stream: tasks.TaskStream
   source: str  # "idx" or "tfds"
@@ -50,7 +50,7 @@ def _prepare(argv: Sequence[str] | None) -> _Prepared:
     setup.note(message)
   network = setup.network_for(args)
   config = setup.train_config(args, network)
-  rule = setup.rule_for(args, config)
+  rule = setup.rule_for(args, config, network)
   hparams = setup.run_hparams(config, rule, setup.hparam_values(args))
   name = setup.run_name(args, args.seed)
   cache = setup.use_compile_cache(args)  # before JAX compiles anything
@@ -98,6 +98,7 @@ def _train(p: _Prepared) -> tuple[train.RunResult, float, float, compile_cache.C
       "seed": p.args.seed,
       "network": p.args.network,
       "rule": p.args.rule,
+      "rule_settings": setup.rule_record(p.args),
       "hparams": setup.hparam_values(p.args),
     },
     p.stream,
@@ -197,6 +198,7 @@ def _record(p: _Prepared, result, timings, device, argv, compiles) -> dict[str, 
     timings=timings,
     device=device,
     argv=list(sys.argv[1:] if argv is None else argv),
+    rule_settings=setup.rule_record(p.args),
     unused_flags=setup.unused_flags(p.args),
     stream={
       "source": p.source,

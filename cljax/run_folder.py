@@ -23,7 +23,7 @@ from cljax.rules import registry
 RESULTS_JSON = "results.json"
 MATRIX_PNG = "accuracy_matrix.png"
 CURVES_PNG = "accuracy_curves.png"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the rule's settings in rule_settings, no longer in train_config
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "cljax")
 _ANNOTATE_MAX_TASKS = 20  # above this, the heatmap's cells are too small for their values
 
@@ -114,7 +114,7 @@ def make_record(
   paper = metrics.paper_stats(R, b)
   record = {
     "schema": SCHEMA_VERSION,
-    "variant": config.variant,
+    "variant": settings.get("model"),
     "config": dict(settings),
     "train_config": dataclasses.asdict(config),
     "n_tasks": int(R.shape[0]),

@@ -1,10 +1,12 @@
 """The command line's settings, shared by `python -m cljax` (one run) and `cljax.sweep_cli` (many).
 
-The flags come from the `Config` and `GroupedConfig` fields (each default and help text stated
-once, on its field), GEM's own flags keep their names, and the variant-dependent parts (the
-unused-flag report, run names) ask the rule registry. `--preset NAME` (`cljax.presets`) supplies
-named defaults that flags given explicitly override. `parse_args` checks a command line,
-`train_config` turns it into the engine's `Config`, `load_streams` loads the data; bad input is
+The flags come from the engine's `Config` fields, the built-in rules' settings
+(`cljax.rules.registry.SETTINGS`) and `GroupedConfig`'s fields (each default and help text stated
+once, where it is declared), GEM's own flags keep their names, and the variant-dependent parts
+(the rule's settings, the unused-flag report, run names) ask the rule registry. `--preset NAME`
+(`cljax.presets`) supplies named defaults that flags given explicitly override. `parse_args`
+checks a command line, `train_config` turns it into the engine's `Config`, `rule_for` into the
+rule (`--model` with its settings, or `--rule`), `load_streams` loads the data; bad input is
 a `CljaxError` with one line to show.
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from cljax import compile_cache, data, networks, presets, resnet, run_folder, tasks, train
 from cljax.errors import CljaxError
-from cljax.grouped.state import GroupedConfig
+from cljax.grouped.state import GroupedConfig, check_sizes
 from cljax.networks import Network
 from cljax.rules import registry
 from cljax.rules.base import Rule
@@ -36,6 +38,7 @@ HELP_HINT = "see `python -m cljax --help`"
 # The seed's run settings that are not the engine's (its command line): the defaults. The rest
 # of the seed's command is `train.Config`'s defaults.
 RUN_DEFAULTS = {
+  "model": "agem_new",
   "dataset": "fashion_mnist",
   "protocol": "permutations",
   "n_tasks": 10,
@@ -91,7 +94,8 @@ GROUPED_FLAGS = {  # flag -> default
   for name in _GROUPED_ORDER
 }
 _CONFIG_FIELDS = {_flag_name(f): f for f in dataclasses.fields(train.Config) if f.metadata}
-_RULE_FLAGS = ("reference_row", "trigger", "projection")  # train.Config's A-GEM rule overrides
+# The built-in rules' settings that are flags (grouped's are GroupedConfig's fields).
+_RULE_SETTINGS = {n: s for n, s in registry.SETTINGS.items() if n != "grouped"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -185,6 +189,14 @@ def _add_field(group, field: dataclasses.Field) -> None:
     _add(group, _flag_name(field), type=kind, default=default, help=meta["help"])
 
 
+def _add_setting(group, name: str, setting: registry.Setting) -> None:
+  """The flag of a built-in rule's setting (`registry.SETTINGS`): its default, help, choices."""
+  if setting.choices is not None:
+    _add(group, name, default=setting.default, choices=setting.choices, help=setting.help)
+  else:
+    _add(group, name, type=type(setting.default), default=setting.default, help=setting.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command line: the seed's (GEM's) flags, verbatim, and cljax's own."""
   p = _Parser(
@@ -202,14 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     seed,
     "model",
     type=_variant,
-    default=train.Config.variant,
+    default=d["model"],
     help="the rule (case-insensitive; the seed's Agem is agem, the A-GEM paper's rule): "
     + variants,
   )
   _add(seed, "n_tasks", type=int, default=d["n_tasks"], help="number of tasks")
   for field in _CONFIG_FIELDS.values():
-    if field.metadata.get("gem") and field.name != "variant":
+    if field.metadata.get("gem"):
       _add_field(seed, field)
+  for name, setting in _RULE_SETTINGS.items():
+    if setting.gem:
+      _add_setting(seed, name, setting)
   _add(
     seed,
     "data_path",
@@ -319,7 +334,7 @@ def _add_own_flags(own, d: Mapping[str, Any]) -> None:
     metavar="MODULE:FACTORY",
     help="a rule written outside cljax instead of --model's: FACTORY() or FACTORY(config) in "
     "MODULE (importable from the working directory or PYTHONPATH) returns a cljax.rules.Rule; "
-    "--model's network form and settings still apply",
+    "--model and its settings are then not read",
   )
   own.add_argument(
     "--hparam",
@@ -355,6 +370,9 @@ def _add_own_flags(own, d: Mapping[str, Any]) -> None:
   for field in _CONFIG_FIELDS.values():
     if not field.metadata.get("gem"):
       _add_field(own, field)
+  for name, setting in _RULE_SETTINGS.items():
+    if not setting.gem:
+      _add_setting(own, name, setting)
   own.add_argument("--no_plots", action=_StoreTrue, help="do not write the PNG plots")
   own.add_argument(
     "--resume",
@@ -530,7 +548,7 @@ def name_parts(args: argparse.Namespace) -> dict[str, Any]:
   The A-GEM rule overrides (None when not set) and, for the grouped variants, the grouped flags
   given with a value other than their default.
   """
-  parts = {name: getattr(args, name) for name in _RULE_FLAGS}
+  parts = {name: getattr(args, name) for name in registry.OVERRIDES}
   if args.model in registry.GROUPED_VARIANTS:
     for name, default in GROUPED_FLAGS.items():
       if name in args.given and getattr(args, name) != default:
@@ -545,22 +563,58 @@ def train_config(args: argparse.Namespace, network: Network | None = None) -> tr
   results.json records.
   """
   fields = {f.name: getattr(args, flag) for flag, f in _CONFIG_FIELDS.items()}
-  config = train.Config(**fields, grouped=grouped_config(args))
-  if args.rule is None:  # the variant's needs of the network, before its settings are resolved
-    rule, name = train.rule_and_name(config, None)
-    train.check_network(rule, network, name)
-  return train.resolve_config(config, network)
+  return train.resolve_config(train.Config(**fields), network)
 
 
-def rule_for(args: argparse.Namespace, config: train.Config) -> Rule | None:
-  """The --rule factory's Rule (None without --rule: the config's variant).
+def rule_settings(args: argparse.Namespace) -> dict[str, Any]:
+  """The --model's settings from the flags (`registry.make`'s): those it reads with them.
+
+  The A-GEM family's overrides go in whenever given, so that a --model they do not apply to is
+  refused. {} with --rule.
+  """
+  if args.rule is not None:
+    return {}
+  reads = registry.settings_read(args.model, agem_ref=args.agem_ref, projection=args.projection)
+  return {
+    name: grouped_config(args) if name == "grouped" else getattr(args, name)
+    for name in registry.SETTINGS
+    if name in reads or (name in registry.OVERRIDES and name in args.given)
+  }
+
+
+def rule_record(args: argparse.Namespace) -> dict[str, Any]:
+  """What results.json and the fingerprints record of the rule's settings (JSON values)."""
+  return {
+    name: dataclasses.asdict(value) if isinstance(value, GroupedConfig) else value
+    for name, value in rule_settings(args).items()
+  }
+
+
+def rule_for(
+  args: argparse.Namespace, config: train.Config, network: Network | None = None
+) -> Rule:
+  """The run's Rule: --model's with its settings (`registry.make`), or the --rule factory's.
+
+  config: the run's (memory_grads resolved); network: the run's (None: the MLP), checked
+  against what the rule declares (`train.check_network`).
 
   Raises:
-    CljaxError: a value not MODULE:FACTORY, a module that cannot be imported, a factory that is
-      missing, not callable, fails, or does not return a Rule. One line each.
+    CljaxError: a bad --model setting, a network the rule cannot train; with --rule: a value not
+      MODULE:FACTORY, a module that cannot be imported, a factory that is missing, not
+      callable, fails, or does not return a Rule. One line each.
   """
   if args.rule is None:
-    return None
+    settings = rule_settings(args)
+    rule = registry.make(args.model, **settings)
+    _check_needs(args, config, rule, network, args.model)
+    if "grouped" in settings:  # what the rule would refuse when traced, said before the run
+      if config.memory_grads == "explicit":
+        raise CljaxError(
+          f"{args.model} builds its grouped rows from per-example factors: use memory_grads "
+          "'factored'."
+        )
+      check_sizes(settings["grouped"], config.n_hiddens)
+    return rule
   module_name, sep, name = args.rule.partition(":")
   if not sep or not module_name or not name:
     raise CljaxError(f"--rule {args.rule!r}: give MODULE:FACTORY, e.g. my_rules:loss_weighted")
@@ -591,7 +645,22 @@ def rule_for(args: argparse.Namespace, config: train.Config) -> Rule | None:
     raise CljaxError(
       f"--rule {args.rule}: the factory returned a {type(rule).__name__}, not a cljax.rules.Rule"
     )
+  _check_needs(args, config, rule, network, f"--rule {args.rule}")
   return rule
+
+
+def _check_needs(
+  args: argparse.Namespace, config: train.Config, rule: Rule, network: Network | None, name: str
+) -> None:
+  """What the engine refuses when it makes or traces the run, said first and with the name."""
+  train.check_network(rule, network, name)
+  if rule.uses_memory and config.n_memories < 1:
+    raise CljaxError(f"{name} reads the episodic memory: n_memories must be >= 1, got 0.")
+  if rule.hidden_units and args.protocol == "split":
+    raise CljaxError(
+      f"{name} reads the network's hidden units itself and has no multi-head form: use "
+      "--protocol permutations or rotations, or another variant."
+    )
 
 
 def hparam_values(args: argparse.Namespace) -> dict[str, float]:
@@ -610,7 +679,7 @@ def hparam_values(args: argparse.Namespace) -> dict[str, float]:
 
 def run_hparams(
   config: train.Config,
-  rule: Rule | None,
+  rule: Rule,
   values: Mapping[str, float],
   lr: float | None = None,
   memory_strength: float | None = None,
@@ -618,12 +687,12 @@ def run_hparams(
   """A run's traced hyper-parameters (`train.HParams`).
 
   lr and memory_strength (default: the config's) and the rule's own (`Rule.hparams`: its
-  defaults, overridden by values; rule None: the variant's, which has none).
+  defaults, overridden by values).
 
   Raises:
     CljaxError: a value for a name the rule does not declare (one line).
   """
-  declared = dict(rule.hparams or {}) if rule is not None else {}
+  declared = dict(rule.hparams or {})
   unknown = sorted(set(values) - set(declared))
   if unknown:
     has = f"it declares {', '.join(sorted(declared))}" if declared else "it declares none"

@@ -1,12 +1,12 @@
-"""Many runs of one variant in one compiled call: seeds and hyper-parameters as a batch axis.
+"""Many runs of one rule in one compiled call: seeds and hyper-parameters as a batch axis.
 
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     hp = grid_hparams(config, len(seeds), lr=[...])             # (S,) leaves, traced
-    results = jax.jit(make_sweep(config))(keys, stack_streams(streams), hp)  # leading axis S
+    results = jax.jit(make_sweep(config, rule))(keys, stack_streams(streams), hp)  # axis S
 
-Every run i gets keys[i], stream i and hyper-parameters i; `Config` (shapes, variant) is shared
-and static, so a grid over lr and memory_strength compiles once. Streams of different seeds
-share their base images: only the per-task indices and pixel maps are stacked.
+Every run i gets keys[i], stream i and hyper-parameters i; the `Config` (shapes) and the rule
+are shared and static, so a grid over lr and memory_strength compiles once. Streams of different
+seeds share their base images: only the per-task indices and pixel maps are stacked.
 
 The runs are split across the devices by a shard_map; each device runs its share one after
 another ("map", `lax.map`) or at once ("vmap"). On a CPU (one host device per core) a batch-1
@@ -27,7 +27,7 @@ from cljax.errors import CljaxError
 from cljax.networks import Network
 from cljax.rules.base import Rule
 from cljax.tasks import TaskStream
-from cljax.train import Config, HParams, RunResult, make_train, rule_and_name
+from cljax.train import Config, HParams, RunResult, make_train
 
 STRATEGIES = ("map", "vmap")
 _PER_RUN_FIELDS = ("train_idx", "pix_idx", "pix_w")  # what differs between seeds' streams
@@ -89,7 +89,7 @@ def grid_hparams(
   if unknown:
     raise CljaxError(
       f"cannot sweep {sorted(unknown)} in one compile: only {', '.join(names)} are traced; other "
-      "settings change shapes or the program (variant, n_memories, n_tasks, ...)."
+      "settings change shapes or the program (the rule, n_memories, n_tasks, ...)."
     )
   arrays = {}
   for name in names:
@@ -110,13 +110,13 @@ def default_strategy(platform: str | None = None) -> str:
 
 def make_sweep(
   config: Config,
+  rule: Rule,
   *,
   strategy: str | None = None,
   batch_size: int | None = None,
   devices: Sequence[jax.Device] | None = None,
   on_run: Callable[[int, RunResult], None] | None = None,
   network: Network | None = None,
-  rule: Rule | None = None,
 ) -> Callable[[jax.Array, TaskStream, HParams], RunResult]:
   """Return sweep(keys (S,), stacked stream, hparams (S,)) -> RunResult with a leading axis S.
 
@@ -126,13 +126,13 @@ def make_sweep(
 
   Args:
     config: the static `Config` shared by all runs.
+    rule: the `cljax.rules.Rule` every run applies (built-in ones: `cljax.rules.registry.make`).
     strategy: "map" (lax.map over runs, `batch_size` at a time; None: one at a time) or "vmap";
       None: `default_strategy()`.
     batch_size: with "map", how many runs are vmapped together per iteration.
     devices: the devices to split the runs across; None: all devices of the default backend
       (on a CPU, one per `jax_num_cpu_devices` / `--xla_force_host_platform_device_count`).
     network: the `cljax.networks.Network` every run trains (None: the config's MLP).
-    rule: the `cljax.rules.Rule` every run applies (None: config.variant's).
     on_run: optional host function on_run(i, result) called as each run i finishes (through
       `jax.debug.callback`, with the run's RunResult minus params, as numpy arrays), e.g. to
       write its record; it may be called from several threads at once and in any order, and
@@ -146,14 +146,13 @@ def make_sweep(
   devices = list(jax.devices() if devices is None else devices)
   if not devices:
     raise CljaxError("make_sweep needs at least one device.")
-  resolved, name = rule_and_name(config, rule)
   here = [d for d in devices if d.process_index == jax.process_index()]  # of this process
-  if not resolved.cpu_devices and len(here) > 1 and devices[0].platform == "cpu":
+  if not rule.cpu_devices and len(here) > 1 and devices[0].platform == "cpu":
     # Each device's program would run its LAPACK eigh (the relatedness) at the same time; each
     # call blocks a thread of XLA's shared CPU pool while its batch waits for that pool: with as
     # many devices as threads, no thread is left and the sweep hangs (seen with 2 devices).
     raise CljaxError(
-      f"{name} cannot be split across {len(here)} CPU devices (their concurrent "
+      f"the rule cannot be split across {len(here)} CPU devices (their concurrent "
       "eigendecompositions deadlock XLA's CPU thread pool): use one CPU device, or the sweep "
       "CLI's --strategy processes (its CPU default)."
     )

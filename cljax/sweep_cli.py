@@ -246,7 +246,8 @@ def _fixed_settings(config: train.Config, args: argparse.Namespace, stream) -> d
   for a in (stream.train_x, stream.train_y, stream.test_x, stream.test_y):
     digest.update(np.ascontiguousarray(a).tobytes())
   return {
-    "variant": config.variant,
+    "variant": args.model,
+    "rule_settings": setup.rule_record(args),
     **({"rule": args.rule} if args.rule else {}),  # a sweep folder of another rule is another
     "train_config": cfg,
     "dataset": args.dataset,
@@ -282,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = cluster_for(args)
     network = setup.network_for(args)
     config = setup.train_config(args, network)
-    rule = setup.rule_for(args, config)
+    rule = setup.rule_for(args, config, network)
     settings = grid_settings(args, grid)
     for s in settings:  # each grid point must be a valid config, its rule's own known
       dataclasses.replace(config, lr=s.lr, memory_strength=s.memory_strength)
@@ -315,11 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.strategy != "processes" and n_devices > 1 and jax.default_backend() == "cpu":
     try:  # make_sweep's check, before any data is loaded
       make_sweep(
-        config,
-        strategy=args.strategy,
-        devices=jax.devices()[:n_devices],
-        network=network,
-        rule=rule,
+        config, rule, strategy=args.strategy, devices=jax.devices()[:n_devices], network=network
       )
     except CljaxError as e:
       setup.error(e)
@@ -398,6 +395,7 @@ def _record(args, config, setting, seed, result, started, source, directory) -> 
     timings={"finished_after": round(time.perf_counter() - started, 3)},
     device=run_folder.device_info(),
     stream={"source": source, "data_path": directory},
+    rule_settings=setup.rule_record(args),
   )
 
 
@@ -419,7 +417,7 @@ def _worker(parser_argv, seeds, folder, fp, jobs, messages, cache_dir) -> None:
     args, _ = setup.parse_args(parser_argv, build_parser())
     network = setup.network_for(args)
     config = setup.train_config(args, network)
-    rule = setup.rule_for(args, config)
+    rule = setup.rule_for(args, config, network)
     data_path, _ = setup.data_path_for(args)
     streams, source, directory, _ = setup.load_streams(args, data_path, seeds)
     stream_of = dict(zip(seeds, streams, strict=True))
@@ -533,7 +531,7 @@ def _run_one_call(
     keys, stacked, hparams = distributed.replicate((keys, stacked, hparams), devices)
   t0 = time.perf_counter()
   sweep = make_sweep(
-    config, strategy=args.strategy, devices=devices, on_run=on_run, network=network, rule=rule
+    config, rule, strategy=args.strategy, devices=devices, on_run=on_run, network=network
   )
   try:
     compiled = jax.jit(sweep).lower(keys, stacked, hparams).compile()

@@ -1,13 +1,14 @@
 """The continual-learning run: any rule as one jit-compiled scan over tasks and steps.
 
-`make_train(config, rule=None, network=None)` closes over a static `Config`, a `cljax.rules.Rule`
-(default: the config's variant) and a `cljax.networks.Network` (default: GEM's MLP from the
-config) and returns `train(key, stream, hparams)`:
+`make_train(config, rule, network=None)` closes over the engine's static `Config`, a
+`cljax.rules.Rule` (the built-in ones by name: `cljax.rules.registry.make`) and a
+`cljax.networks.Network` (default: GEM's MLP from the config) and returns
+`train(key, stream, hparams)`:
 
-    run = jax.jit(make_train(config))
+    run = jax.jit(make_train(config, registry.make("gem")))
     result = run(jax.random.key(3), stream)           # RunResult: (T, T) accuracies and counters
     net = cljax.networks.from_module(MyCNN(), input_shape=(28, 28, 1), n_classes=10)
-    result = jax.jit(make_train(config, network=net))(jax.random.key(3), stream)
+    result = jax.jit(make_train(config, rule, network=net))(jax.random.key(3), stream)
 
 Structure: a `lax.scan` over tasks; within a task a scan over chunks of `log_every` steps, each a
 scan over the chunk's training steps followed by an evaluation of all T test sets.
@@ -33,7 +34,6 @@ import optax
 
 from cljax import data, tasks
 from cljax.errors import CljaxError
-from cljax.grouped.state import GroupedConfig, check_sizes
 from cljax.memory import Memory, empty_memory, write_memory, write_reservoir
 from cljax.memory_grads import MODES as MEMORY_GRADS
 from cljax.memory_grads import mean_loss
@@ -50,24 +50,22 @@ from cljax.networks import (
   task_network,
   task_params,
 )
-from cljax.rules import agem, registry
-from cljax.rules.base import NETWORKS, HParams, Rule, StepContext, TaskEndContext, cond_or_zeros
-from cljax.rules.er import BUFFERS as ER_BUFFERS
-from cljax.rules.ewc import FISHERS
+from cljax.rules.base import (
+  NETWORKS,
+  HParams,
+  Rule,
+  StepContext,
+  TaskEndContext,
+  cond_or_zeros,
+  single,
+)
 
-VARIANTS = tuple(registry.VARIANTS)
 # --optimizer: lr -> an optax GradientTransformation (lr traced: a sweep over it compiles once).
 OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
   "sgd": optax.sgd,  # GEM's
   "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
   "adam": optax.adam,
 }
-GROUPED_VARIANTS = registry.GROUPED_VARIANTS
-AGEM_REFS = registry.AGEM_REFS
-AGEM_RULES = registry.AGEM_RULES
-REFERENCE_ROWS = tuple(agem.REFERENCES)
-TRIGGERS = tuple(agem.TRIGGERS)
-PROJECTIONS = tuple(agem.PROJECTIONS)
 
 
 def _flag(default: Any, help: str, **meta: Any) -> Any:
@@ -80,59 +78,38 @@ def _flag(default: Any, help: str, **meta: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Static settings of a run (hashable; closed over, never traced).
+  """The engine's static settings of a run (hashable; closed over, never traced).
+
+  A rule's own settings are its factory's arguments (`cljax.rules`; the built-in ones by name:
+  `cljax.rules.registry.make`), not fields here.
 
   Attributes:
-    variant: one of VARIANTS, the built-in rule (`cljax.rules.registry`).
     batch_size: examples per step (GEM: 1).
     n_epochs: passes over each task's samples (GEM's --n_epochs; 1); epochs after the first
       reshuffle them (`tasks.batch_rows`). Evaluation points stay every log_every steps of a
       task (its epochs together) and its end.
-    lr: SGD learning rate (default for `HParams.lr`).
-    n_memories: episodic-memory slots per task.
-    memory_strength: GEM's margin, v >= memory_strength in the dual QP; EWC's penalty strength
-      (default for HParams).
-    n_layers, n_hiddens: the MLP's hidden layers and width.
-    optimizer: a name in OPTIMIZERS, the optax transformation that applies the rule's gradient
-      at lr ("sgd": GEM's); `make_train(optimizer=...)` takes any other.
+    lr: the learning rate (default for `HParams.lr`).
+    n_memories: episodic-memory slots per task (read when the rule uses the memory).
+    memory_strength: the rules' strength hyper-parameter (default for `HParams.memory_strength`):
+      GEM's margin, v >= memory_strength in the dual QP; EWC's penalty strength.
+    n_layers, n_hiddens: the MLP's hidden layers and width (the default network).
     init: "gem" (the GEM code's Xavier uniform, zero biases), "torch" (nn.Linear's default) or
       "flax" (see `cljax.models.MLP`).
-    agem_ref: A-GEM's reference gradient: "pooled" (a sample of replay_batch_size examples of the
-      pooled memory of past tasks, as the A-GEM paper) or "task_mean" (mean of per-task memory
-      gradients).
-    replay_batch_size: the pooled sample's size (agem pooled; er's replayed examples).
-    replay_buffer: er's memory, "ring" (GEM's per task, past tasks sampled) or "reservoir".
-    fisher: ewc's diagonal Fisher, "empirical" or "batch_squared" (`cljax.rules.ewc`).
-    finetune: independent's "yes": network t starts as network t - 1 (GEM's --finetune).
     log_every: evaluate all tasks every log_every steps of a task (0: only at task ends).
-    eps: ridge on the QP's Gram matrix (official GEM code: 1e-3).
     eval_batch_size: test examples per evaluation batch (bounds the evaluation's memory).
-    qp_max_iter: the QP solver's iteration cap.
-    reference_row, trigger, projection: override the variant's preset in `AGEM_RULES` (None:
-      the preset), for the task-mean A-GEM family (agem with agem_ref task_mean, agem_old,
-      agem_new, agem_qp_mean). reference_row: "mean" or "sum" of the per-task memory gradients
-      r_k = grad L_k (k < t). trigger: when g may change: "reference" (<g, ref> < 0) or
-      "per_task" (GEM's check: some <g, r_k> < 0). projection: "conditional" (the paper's
-      g - min(0, <g, ref>) / |ref|^2 ref), "unconditional" (remove the ref component whatever its
-      sign) or "qp" (GEM's dual QP on the one row: g + v ref, v >= memory_strength).
-    grouped: the grouped variants' settings (`cljax.grouped.state.GroupedConfig`): groups of
-      hidden units formed after task 0, relatedness of tasks per group, and the rows' weights.
-      gem_grouped: GEM's QP (margin 0) over the t grouped rows g_k * w_k; agem_grouped: the
-      paper's conditional projection on their mean; agem_qp_grouped (the seed's attempt): that
-      mean row into GEM's QP under GEM's per-task trigger, margin = the mean of h over past
-      tasks, layers and non-empty groups (1 + GroupedConfig.margin by construction of h).
-      memory_strength is not read by them.
-    memory_grads: how past-task memory gradients are computed. "factored": one forward and
-      backward pass over the whole (T x n_memories) memory, kept as per-example factors
-      (`cljax.example_grads`): GEM's P = G G', q = G g and G'v come from small matrix products
-      and no (t, p) row is formed; networks of Dense layers only (the MLP). "explicit": one
-      backward pass per past task, rows as pytrees, and `gem_project` on them (the direct
-      transcription; works for any differentiable network). Both compute the same numbers up to
-      float rounding. "auto" (default): factored where the network allows (`Network.dense_only`),
-      else explicit (`resolve_config`).
+    optimizer: a name in OPTIMIZERS, the optax transformation that applies the rule's gradient
+      at lr ("sgd": GEM's); `make_train(optimizer=...)` takes any other.
+    memory_grads: how past-task memory gradients are computed (rules read it as
+      `StepContext.memory_grads`). "factored": one forward and backward pass over the whole
+      (T x n_memories) memory, kept as per-example factors (`cljax.example_grads`): GEM's
+      P = G G', q = G g and G'v come from small matrix products and no (t, p) row is formed;
+      networks of Dense layers only (the MLP). "explicit": one backward pass per past task, rows
+      as pytrees, and `gem_project` on them (the direct transcription; works for any
+      differentiable network). Both compute the same numbers up to float rounding. "auto"
+      (default): factored where the network allows (`Network.dense_only`), else explicit
+      (`resolve_config`).
   """
 
-  variant: str = _flag("agem_new", "the rule", flag="model", gem=True)
   batch_size: int = _flag(1, "examples per SGD step", gem=True)
   n_epochs: int = _flag(
     1, "passes over each task's samples, reshuffled after the first (GEM's)", gem=True
@@ -151,38 +128,10 @@ class Config:
     "parameter init: gem (the GEM code's Xavier uniform), torch (nn.Linear's) or flax",
     choices=INIT_SCHEMES,
   )
-  agem_ref: str = _flag(
-    "pooled",
-    "agem's reference gradient: a sample of the pooled memory (the A-GEM paper) or the mean of "
-    "the per-task memory gradients",
-    choices=AGEM_REFS,
-  )
-  replay_batch_size: int = _flag(
-    10, "agem with --agem_ref pooled and er: examples sampled from the memory", gem=True
-  )
-  finetune: str = _flag(
-    "no",
-    "independent: network t starts as network t - 1 (yes) or from its own init",
-    gem=True,
-    choices=("yes", "no"),
-  )
-  replay_buffer: str = _flag(
-    "ring",
-    "er: GEM's ring buffer per task, sampled from the past tasks, or one reservoir over the stream",
-    choices=ER_BUFFERS,
-  )
-  fisher: str = _flag(
-    "empirical",
-    "ewc: the diagonal Fisher as the mean of squared per-example gradients (the EWC paper's) or "
-    "the square of the mean memory gradient (the GEM code's)",
-    choices=FISHERS,
-  )
   log_every: int = _flag(
     100, "evaluate all tasks every this many steps (0: at task ends only)", gem=True
   )
-  eps: float = _flag(1e-3, "ridge on the QP's Gram matrix")
   eval_batch_size: int = _flag(2000, "test examples per evaluation batch")
-  qp_max_iter: int = _flag(1000, "iteration cap of the QP solver")
   optimizer: str = _flag(
     "sgd",
     "the optimiser (optax): sgd (GEM's), momentum (SGD with momentum 0.9) or adam, at --lr",
@@ -195,72 +144,24 @@ class Config:
     "auto: factored where the network allows",
     choices=("auto", *MEMORY_GRADS),
   )
-  reference_row: str | None = _flag(
-    None,
-    "A-GEM family: the reference row, the mean or the sum of the per-task memory gradients "
-    "(default: the variant's preset, "
-    + ", ".join(f"{v} = {'/'.join(r)}" for v, r in AGEM_RULES.items())
-    + " as reference_row/trigger/projection)",
-    choices=REFERENCE_ROWS,
-  )
-  trigger: str | None = _flag(
-    None,
-    "A-GEM family: when g may change: <g, ref> < 0 (reference) or GEM's per-task check (per_task)",
-    choices=TRIGGERS,
-  )
-  projection: str | None = _flag(
-    None,
-    "A-GEM family: the paper's conditional projection, the unconditional removal of the ref "
-    "component, or GEM's QP on the one row (margin --memory_strength)",
-    choices=PROJECTIONS,
-  )
-  grouped: GroupedConfig = dataclasses.field(default_factory=GroupedConfig)
 
   def __post_init__(self):
-    if self.variant not in VARIANTS:
-      raise CljaxError(f"unknown variant {self.variant!r}: choose one of {', '.join(VARIANTS)}.")
     for field in dataclasses.fields(self):  # every field that declares its choices
       choices, value = field.metadata.get("choices"), getattr(self, field.name)
-      if choices is not None and value is not None and value not in choices:
+      if choices is not None and value not in choices:
         raise CljaxError(f"unknown {field.name} {value!r}: choose one of {', '.join(choices)}.")
-    reads = registry.settings_read(self.variant, agem_ref=self.agem_ref, projection=self.projection)
-    for name in ("reference_row", "trigger", "projection"):
-      if getattr(self, name) is not None and not registry.composes(self.variant, self.agem_ref):
-        raise CljaxError(
-          f"{name} applies to the task-mean A-GEM family ({', '.join(AGEM_RULES)}; agem with "
-          f"agem_ref task_mean), not to {self.variant}"
-          + (f" with agem_ref {self.agem_ref}." if self.variant == "agem" else ".")
-        )
     # Non-finite settings are refused here: nan passes every comparison and the run would diverge.
-    for name, strict in (("lr", True), ("memory_strength", False), ("eps", False)):
+    for name, strict in (("lr", True), ("memory_strength", False)):
       value = getattr(self, name)
       if not math.isfinite(value) or value < 0 or (strict and value == 0):
         raise CljaxError(
           f"{name} must be a finite number {'>' if strict else '>='} 0, got {value}."
         )
-    for name in ("batch_size", "n_epochs", "eval_batch_size", "qp_max_iter"):
+    for name in ("batch_size", "n_epochs", "eval_batch_size"):
       if getattr(self, name) < 1:
         raise CljaxError(f"{name} must be >= 1, got {getattr(self, name)}.")
-    if not isinstance(self.grouped, GroupedConfig):
-      raise CljaxError(
-        f"grouped must be a cljax.grouped.state.GroupedConfig, got {type(self.grouped).__name__}."
-      )
-    if "grouped" in reads:
-      if self.memory_grads == "explicit":
-        raise CljaxError(
-          f"{self.variant} builds its grouped rows from per-example factors: use memory_grads "
-          "'factored'."
-        )
-      check_sizes(self.grouped, self.n_hiddens)
-    elif self.grouped != GroupedConfig():
-      raise CljaxError(
-        f"grouped settings apply to the grouped variants ({', '.join(GROUPED_VARIANTS)}), not to "
-        f"{self.variant}: leave grouped at its default."
-      )
-    if "n_memories" in reads and self.n_memories < 1:
-      raise CljaxError(f"variant {self.variant!r} needs n_memories >= 1, got {self.n_memories}.")
-    if "replay_batch_size" in reads and self.replay_batch_size < 1:
-      raise CljaxError(f"replay_batch_size must be >= 1, got {self.replay_batch_size}.")
+    if self.n_memories < 0:
+      raise CljaxError(f"n_memories must be >= 0, got {self.n_memories}.")
     if self.log_every < 0:
       raise CljaxError(
         f"log_every must be >= 0 (0: evaluate only at task ends), got {self.log_every}."
@@ -395,25 +296,17 @@ def check_network(rule: Rule, network: Network | None, name: str = "the rule") -
     )
 
 
-def rule_and_name(config: Config, rule: Rule | None) -> tuple[Rule, str]:
-  """The run's rule (None: the config's built-in variant) and its name in messages."""
-  if rule is None:
-    return registry.rule_for(config), config.variant
-  return rule, "the rule"
-
-
 def make_evaluate(
   config: Config, network: Network | None = None, rule: Rule | None = None
 ) -> Callable[..., jax.Array]:
   """Return evaluate(params, stream, model_state=None) -> (T,) test accuracy on every task.
 
-  network: the run's `Network` (None: the config's MLP); rule: the run's (None: the config's
-  variant's), whose `networks` says one network or one per task; model_state: a stateful
+  network: the run's `Network` (None: the config's MLP); rule: the run's, whose `networks` says
+  one network or one per task (None: one shared network); model_state: a stateful
   network's (its running averages, read in evaluation mode; None: their initial values). Pure;
   the caller jits.
   """
-  rule, _ = rule_and_name(config, rule)
-  per_task = rule.networks != "shared"
+  per_task = rule is not None and rule.networks != "shared"
 
   def evaluate(params, stream: tasks.TaskStream, model_state: Any = None) -> jax.Array:
     """(T,) test accuracy on every task, in batches of eval_batch_size test examples.
@@ -511,13 +404,18 @@ Optimizer = Callable[[jax.Array], optax.GradientTransformation]
 
 
 def _run_parts(
-  config: Config, rule: Rule | None, network: Network | None, optimizer: Optimizer | None = None
+  config: Config, rule: Rule, network: Network | None, optimizer: Optimizer | None = None
 ):
   """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
-  declared, name = rule_and_name(config, rule)  # memory_grads auto as factored: what it declares
-  check_network(declared, network, name)
+  if not isinstance(rule, Rule):
+    raise CljaxError(
+      f"make_train takes a cljax.rules.Rule, got {type(rule).__name__} (a built-in one by name: "
+      "cljax.rules.registry.make)."
+    )
+  check_network(rule, network)
   config = resolve_config(config, network)
-  rule = registry.rule_for(config) if rule is None else rule  # with memory_grads resolved
+  if rule.uses_memory and config.n_memories < 1:
+    raise CljaxError("the rule reads the episodic memory: n_memories must be >= 1, got 0.")
   if rule.memory_writes not in ("ring", "reservoir"):
     raise CljaxError(
       f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
@@ -535,7 +433,7 @@ def _run_parts(
     T, D = stream.train_idx.shape[0], stream.train_x.shape[1]
     steps, chunk, n_chunks = schedule(config, stream)
     init_key, step_key = jax.random.split(key)
-    net = network_of(config, T, D, stream.classes, network, rule, name)
+    net = network_of(config, T, D, stream.classes, network, rule)
     apply = net.apply
 
     def batch_loss(params, x, y):
@@ -657,7 +555,7 @@ def _run_parts(
 
 def make_train(
   config: Config,
-  rule: Rule | None = None,
+  rule: Rule,
   *,
   network: Network | None = None,
   optimizer: Optimizer | None = None,
@@ -670,8 +568,8 @@ def make_train(
   program: a scan over tasks (`make_task_runner` drives the same pieces task by task).
 
   Args:
-    config: the static `Config` (network, memory, schedule; the built-in rule's settings).
-    rule: the `cljax.rules.Rule` to run (default: config.variant's, `cljax.rules.registry`).
+    config: the engine's static `Config` (network, memory, schedule, optimiser).
+    rule: the `cljax.rules.Rule` to run (a built-in one by name: `cljax.rules.registry.make`).
     network: the `cljax.networks.Network` to train (`from_module` makes one of any Flax
       module); None: GEM's MLP from the config's n_layers, n_hiddens and init. A network that
       does not fit the stream's examples or classes is refused in one line when traced, before
@@ -727,7 +625,7 @@ class TaskRunner(NamedTuple):
 
 def make_task_runner(
   config: Config,
-  rule: Rule | None = None,
+  rule: Rule,
   *,
   network: Network | None = None,
   optimizer: Optimizer | None = None,
@@ -788,19 +686,18 @@ def network_of(
   classes: jax.Array | None = None,
   network: Network | None = None,
   rule: Rule | None = None,
-  name: str | None = None,
+  name: str = "the rule",
 ) -> TaskNetwork:
   """The run's `cljax.networks.TaskNetwork`: network (None: the config's MLP) over its tasks.
 
   Per task for a rule that declares it (`Rule.networks`: independent), with a head per task on a
   split stream (classes); a rule reading the hidden units itself (`Rule.hidden_units`: the
-  grouped variants) has neither. rule None: the config's variant's; name: the rule's in messages.
+  grouped variants) has neither. rule None: one shared network; name: the rule's in messages.
 
   Raises:
     CljaxError: a hidden-units rule on a split stream, or a network that does not fit the stream.
   """
-  rule, default_name = rule_and_name(config, rule)
-  name = default_name if name is None else name
+  rule = single() if rule is None else rule
   if classes is not None and rule.hidden_units:
     raise CljaxError(
       f"{name} reads the network's hidden units itself and has no multi-head form: use "

@@ -50,7 +50,8 @@ def setup(variant: str):
   argv = ["--preset", "gem_paper_cifar", "--model", variant, "--log_every", "0"]
   args, _ = run_setup.parse_args(argv)
   network = run_setup.network_for(args)
-  return run_setup.train_config(args, network), network
+  config = run_setup.train_config(args, network)
+  return config, run_setup.rule_for(args, config, network), network
 
 
 def stream(dataset, n_tasks: int, samples: int, test_samples: int | None = None):
@@ -74,22 +75,22 @@ def timed(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def run_seconds(config, network, s, repeats: int) -> tuple[float, float]:
+def run_seconds(config, rule, network, s, repeats: int) -> tuple[float, float]:
   """(compile s, median run s) of the compiled run on stream s."""
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  run = jax.jit(make_train(config, network=network)).lower(key, s).compile()
+  run = jax.jit(make_train(config, rule, network=network)).lower(key, s).compile()
   compile_s = time.perf_counter() - t0
   run(key, s)  # warm-up
   return compile_s, timed(lambda: run(key, s), repeats)
 
 
 def measure(variant: str, dataset, repeats: int) -> dict:
-  config, network = setup(variant)
+  config, rule, network = setup(variant)
   one = stream(dataset, 1, 10 * config.batch_size, test_samples=10)
   five = stream(dataset, 5, config.batch_size, test_samples=10)
-  compile_s, t1 = run_seconds(config, network, one, repeats)
-  _, t5 = run_seconds(config, network, five, repeats)
+  compile_s, t1 = run_seconds(config, rule, network, one, repeats)
+  _, t5 = run_seconds(config, rule, network, five, repeats)
   a = t1 / 10
   b = (t5 - 5 * a) / 10
   full = stream(dataset, T_FULL, config.batch_size)

@@ -48,6 +48,7 @@ import numpy as np
 
 from cljax import data, tasks
 from cljax.networks import Network, from_module
+from cljax.rules import registry
 from cljax.run_folder import write_atomic
 from cljax.train import Config, make_evaluate, make_task_runner, make_train, schedule, stack
 
@@ -101,15 +102,16 @@ def measure(variant: str, repeats: int, warm_only: bool) -> dict:
     seed=3,
   )
   key = jax.random.key(3)
-  cfg = Config(variant=OTHER_NETWORKS.get(variant, variant), log_every=EVERY, agem_ref="task_mean")
+  cfg, name = Config(log_every=EVERY), OTHER_NETWORKS.get(variant, variant)
+  rule = registry.make(name, **({"agem_ref": "task_mean"} if name == "agem" else {}))
   t0 = time.perf_counter()
-  run = jax.jit(make_train(cfg, network=network)).lower(key, stream).compile()
+  run = jax.jit(make_train(cfg, rule, network=network)).lower(key, stream).compile()
   out = {"variant": variant, "compile_s": time.perf_counter() - t0}
   if warm_only:
     return out
   result = jax.block_until_ready(run(key, stream))  # warm-up
   out["run_s"] = _median_time(lambda: jax.block_until_ready(run(key, stream)), repeats)
-  driven = _driven(cfg, network, key, stream)
+  driven = _driven(cfg, rule, network, key, stream)
   driven()  # compiles its pieces
   out["driven_s"] = _median_time(driven, repeats)
   evaluate = jax.jit(make_evaluate(cfg, network)).lower(result.params, stream).compile()
@@ -129,9 +131,9 @@ def measure(variant: str, repeats: int, warm_only: bool) -> dict:
   return out
 
 
-def _driven(cfg, network, key, stream):
+def _driven(cfg, rule, network, key, stream):
   """A function running the whole run piece by piece (the CLI's loop, without its printing)."""
-  runner = make_task_runner(cfg, network=network)
+  runner = make_task_runner(cfg, rule, network=network)
   start, start_task, chunk, end = (
     jax.jit(f) for f in (runner.start, runner.start_task, runner.chunk, runner.end_task)
   )

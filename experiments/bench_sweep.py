@@ -29,6 +29,7 @@ jax.config.update("jax_num_cpu_devices", 1 if _ONE_OF_MANY else len(os.sched_get
 import jax.numpy as jnp  # noqa: E402
 
 from cljax import data, distributed, tasks  # noqa: E402
+from cljax.rules import registry  # noqa: E402
 from cljax.run_folder import write_atomic  # noqa: E402
 from cljax.sweep import default_strategy, grid_hparams, make_sweep, stack_streams  # noqa: E402
 from cljax.train import Config, default_hparams, make_train  # noqa: E402
@@ -55,11 +56,16 @@ def _stream(args, dataset, seed):
   )
 
 
+def _rule(variant: str):
+  """The built-in rule (agem with the task-mean reference), the seed's settings otherwise."""
+  return registry.make(variant, **({"agem_ref": "task_mean"} if variant == "agem" else {}))
+
+
 def _process_worker(args, share, barrier, results) -> None:
   """Compiles and warms the plain run, then per repeat: wait for all, run the share, report."""
   dataset = data.load_dataset("fashion_mnist")
-  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
-  run = jax.jit(make_train(config))
+  config, rule = Config(log_every=args.log_every), _rule(args.variant)
+  run = jax.jit(make_train(config, rule))
   hp = default_hparams(config)
   t0 = time.perf_counter()
   jax.block_until_ready(run(jax.random.key(share[0]), _stream(args, dataset, share[0]), hp))
@@ -139,12 +145,12 @@ def _one_of_many(args) -> None:
   dataset = data.load_dataset("fashion_mnist")
   seeds = list(range(args.seeds))
   streams = [_stream(args, dataset, s) for s in seeds]
-  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
+  config, rule = Config(log_every=args.log_every), _rule(args.variant)
   devices = jax.devices()  # all processes' devices
   inputs = (jax.vmap(jax.random.key)(jnp.asarray(seeds)), stack_streams(streams))
   inputs = distributed.replicate((*inputs, grid_hparams(config, len(seeds))), devices)
   t0 = time.perf_counter()
-  fn = jax.jit(make_sweep(config, strategy=default_strategy(), devices=devices))
+  fn = jax.jit(make_sweep(config, rule, strategy=default_strategy(), devices=devices))
   fn = fn.lower(*inputs).compile()
   compile_s = time.perf_counter() - t0
   times = []
@@ -199,12 +205,14 @@ def main() -> None:
     for s in seeds
   ]
   # The seed's settings otherwise.
-  config = Config(variant=args.variant, agem_ref="task_mean", log_every=args.log_every)
+  config, rule = Config(log_every=args.log_every), _rule(args.variant)
   keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
   stacked, hp = stack_streams(streams), grid_hparams(config, len(seeds))
 
   t0 = time.perf_counter()
-  plain = jax.jit(make_train(config)).lower(keys[0], streams[0], default_hparams(config)).compile()
+  plain = (
+    jax.jit(make_train(config, rule)).lower(keys[0], streams[0], default_hparams(config)).compile()
+  )
   rows = [("plain run (1 seed)", time.perf_counter() - t0, None)]
   plain_s = timed(
     lambda: jax.block_until_ready(plain(keys[0], streams[0], default_hparams(config))),
@@ -238,7 +246,7 @@ def main() -> None:
       print(rows[-1], flush=True)
       continue
     t0 = time.perf_counter()
-    fn = jax.jit(make_sweep(config, strategy=strategy, devices=devs))
+    fn = jax.jit(make_sweep(config, rule, strategy=strategy, devices=devs))
     fn = fn.lower(keys, stacked, hp).compile()
     compile_s = time.perf_counter() - t0
     call = lambda fn=fn: jax.block_until_ready(fn(keys, stacked, hp))  # noqa: E731

@@ -35,11 +35,11 @@ class CNN(nn.Module):
 
 # Each method with the settings it is usually run with on permuted MNIST (GEM's margin 0.5;
 # the A-GEM paper's reference sample of 256; EWC's strength as `make paper`'s middle one).
-METHODS = {
-  "gem": dict(variant="gem", memory_strength=0.5),
-  "agem": dict(variant="agem", replay_batch_size=256),
-  "er": dict(variant="er"),
-  "ewc": dict(variant="ewc", memory_strength=1.0),
+METHODS = {  # name -> (the engine's settings, the rule's: `cljax.rules.make`'s)
+  "gem": (dict(memory_strength=0.5), {}),
+  "agem": ({}, dict(replay_batch_size=256)),
+  "er": ({}, {}),
+  "ewc": (dict(memory_strength=1.0), {}),
 }
 
 
@@ -68,15 +68,17 @@ def main(argv=None) -> int:
     f"{'factored' if network.dense_only else 'explicit'}"
   )
   for name in args.methods.split(","):
+    engine, own = METHODS[name]
     config = cljax.Config(
-      **METHODS[name],
+      **engine,
       n_memories=args.n_memories,
       batch_size=args.batch_size,
       lr=args.lr,
       log_every=0,
     )
     start = time.perf_counter()
-    result = jax.jit(cljax.make_train(config, network=network))(jax.random.key(args.seed), stream)
+    train = cljax.make_train(config, cljax.rules.make(name, **own), network=network)
+    result = jax.jit(train)(jax.random.key(args.seed), stream)
     line = cljax.format_seed_line(result.acc, result.baseline).splitlines()[-1]
     print(f"{name:5s} {line}  ({time.perf_counter() - start:.1f} s with its compile)")
   return 0

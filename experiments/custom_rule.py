@@ -58,10 +58,11 @@ def main(argv=None) -> int:
     samples_per_task=args.samples_per_task,
     seed=args.seed,
   )
-  config = cljax.Config(variant="agem", agem_ref="task_mean")  # the seed's other settings
+  config = cljax.Config()  # the seed's settings
   key = jax.random.key(args.seed)
-  for name, rule in (("loss-weighted A-GEM", loss_weighted_agem()), ("agem task_mean", None)):
-    result = jax.jit(cljax.make_train(config, rule=rule))(key, stream)
+  built_in = cljax.rules.make("agem", agem_ref="task_mean")
+  for name, rule in (("loss-weighted A-GEM", loss_weighted_agem()), ("agem task_mean", built_in)):
+    result = jax.jit(cljax.make_train(config, rule))(key, stream)
     print(f"{name}: {cljax.format_seed_line(result.acc, result.baseline)}")
   return 0
 

@@ -131,6 +131,7 @@ def h_stats() -> list[dict]:
 
   from cljax import data, tasks, train
   from cljax.grouped.state import GroupedConfig
+  from cljax.rules import registry
 
   stream = tasks.make_stream(
     data.load_dataset("fashion_mnist"),
@@ -139,8 +140,10 @@ def h_stats() -> list[dict]:
     samples_per_task=1000,
     seed=0,
   )
-  config = train.Config(variant="gem_grouped", log_every=0, grouped=GroupedConfig())
-  h = np.asarray(jax.jit(train.make_train(config))(jax.random.key(0), stream).h)
+  rule = registry.make("gem_grouped", grouped=GroupedConfig())
+  h = np.asarray(
+    jax.jit(train.make_train(train.Config(log_every=0), rule))(jax.random.key(0), stream).h
+  )
   out = []
   for t in range(1, h.shape[0]):
     v = h[t, :t].reshape(-1)

@@ -24,6 +24,7 @@ import numpy as np
 
 from cljax import data, metrics, presets, run_setup, tasks
 from cljax.models import make_mlp
+from cljax.rules import Rule
 from cljax.run_folder import dumps, figure_png, write_atomic
 from cljax.train import Config, make_evaluate, make_train
 
@@ -46,13 +47,18 @@ METHODS = {
 }
 
 
-def method_config(method: str) -> Config:
-  """A row's Config: the CLI's `--preset gem_paper_mnist --model M --log_every 0` + its flags."""
+def method_setup(method: str) -> tuple[Config, Rule, dict]:
+  """A row's engine Config, rule and the rule's settings (`run_setup.rule_record`).
+
+  As the CLI's `--preset gem_paper_mnist --model M --log_every 0` + the row's flags.
+  """
   model, own = METHODS[method]
   argv = ["--preset", PRESET_NAME, "--model", model, "--log_every", "0"]
   for dest, value in own.items():
     argv += [f"--{dest}", str(value)]
-  return run_setup.train_config(run_setup.parse_args(argv)[0])
+  args = run_setup.parse_args(argv)[0]
+  config = run_setup.train_config(args)
+  return config, run_setup.rule_for(args, config), run_setup.rule_record(args)
 
 
 PROTOCOLS = ("permutations", "rotations", "split")
@@ -72,7 +78,7 @@ def run_cell(args, dataset, protocol: str, method: str) -> list[dict]:
   paths = {s: record_path(args.runs_dir, protocol, method, s) for s in range(args.seeds)}
   todo = [s for s, p in paths.items() if not os.path.exists(p)]
   if todo:
-    config = method_config(method)
+    config, rule, rule_settings = method_setup(method)
     n_tasks = None if protocol == "split" else PRESET["n_tasks"]
     streams = {
       s: tasks.make_stream(
@@ -86,7 +92,7 @@ def run_cell(args, dataset, protocol: str, method: str) -> list[dict]:
     }
     t0 = time.perf_counter()
     first = streams[todo[0]]
-    run = jax.jit(make_train(config)).lower(jax.random.key(0), first).compile()
+    run = jax.jit(make_train(config, rule)).lower(jax.random.key(0), first).compile()
     compile_s = time.perf_counter() - t0
     for s in todo:
       t0 = time.perf_counter()
@@ -98,6 +104,7 @@ def run_cell(args, dataset, protocol: str, method: str) -> list[dict]:
         "method": method,
         "seed": s,
         "config": dataclasses.asdict(config),
+        "rule_settings": rule_settings,
         "matrix": R.tolist(),
         "baseline": b.tolist(),
         "paper_stats": {k: float(v) for k, v in metrics.paper_stats(R, b)._asdict().items()},
@@ -132,7 +139,7 @@ def evaluation_seconds(dataset, protocol: str, repeats: int = 5) -> float:
   stream = tasks.make_stream(
     dataset, protocol=protocol, n_tasks=n_tasks, samples_per_task=PRESET["batch_size"], seed=0
   )
-  config = method_config("single")
+  config, _, _ = method_setup("single")
   params = make_mlp(config.n_hiddens, config.n_layers).init(jax.random.key(0), jnp.zeros((1, 784)))
   evaluate = jax.jit(make_evaluate(config)).lower(params["params"], stream).compile()
   times = []

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from cljax import data, metrics, tasks
+from cljax.rules import registry
 from cljax.run_folder import write_atomic
 from cljax.train import Config, make_train
 
@@ -46,8 +47,8 @@ def main() -> None:
   records = []
   print(f"{'variant':14s} {'Final':>15s} {'Backward':>16s} {'Forward':>15s}   seed note (seed 3)")
   for variant in args.variants:
-    cfg = Config(variant=variant, agem_ref=args.agem_ref)  # the seed's defaults otherwise
-    run = jax.jit(make_train(cfg))
+    ref = {"agem_ref": args.agem_ref} if variant == "agem" else {}
+    run = jax.jit(make_train(Config(), registry.make(variant, **ref)))  # the seed's defaults
     stats = []
     for s in args.seeds:
       t0 = time.perf_counter()

@@ -17,12 +17,14 @@ within bounds, and the same program with itself.
 """
 
 import atexit
+import dataclasses
 import gzip
 import os
 import shutil
 import struct
 import tempfile
 import types
+from typing import Any
 
 import golden_runs
 
@@ -163,25 +165,49 @@ ENGINE_TASKS, ENGINE_SAMPLES = 3, 300
 ENGINE_BASE = {"n_memories": 10, "log_every": 50, "memory_strength": 0.5, "lr": 0.02}
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineSetup:
+  """An engine test's run settings: the engine's `Config`, a built-in rule and its settings."""
+
+  config: Any
+  variant: str
+  settings: tuple = ()  # sorted (name, value) pairs, `registry.make`'s
+
+  def replace(self, **kw):
+    """A copy with kw changed: the rule's settings (`registry.SETTINGS`) or the config's."""
+    from cljax.rules import registry
+
+    own = {k: v for k, v in kw.items() if k in registry.SETTINGS}
+    config = dataclasses.replace(self.config, **{k: v for k, v in kw.items() if k not in own})
+    return EngineSetup(config, self.variant, tuple(sorted({**dict(self.settings), **own}.items())))
+
+  def rule(self):
+    """The built-in rule with its settings (`registry.make`)."""
+    from cljax.rules import registry
+
+    return registry.make(self.variant, **dict(self.settings))
+
+
 def engine_config(variant, **kw):
-  """A `Config` of the engine tests: ENGINE_BASE, overridden by kw."""
+  """The engine tests' `EngineSetup`: ENGINE_BASE, overridden by kw (config or rule settings)."""
   from cljax.train import Config
 
-  return Config(**{"variant": variant, **ENGINE_BASE, **kw})
+  return EngineSetup(Config(), variant).replace(**{**ENGINE_BASE, **kw})
 
 
-_RUNS = {}  # (id(stream), config, key) -> (stream, result); holding stream keeps its id unique
+_RUNS = {}  # (id(stream), setup, key) -> (stream, result); holding stream keeps its id unique
 
 
-def engine_run(stream, config, key=0):
-  """`jax.jit(make_train(config))(jax.random.key(key), stream)`, made once per session.
+def engine_run(stream, setup, key=0):
+  """`jax.jit(make_train(setup.config, setup.rule()))(jax.random.key(key), stream)`, made once.
 
   Several modules check different statements on the same runs; each run (and its compile) is
-  made once. `stream` must be a session-scoped stream (it is keyed by identity).
+  made once per session. `stream` must be a session-scoped stream (it is keyed by identity).
   """
   from cljax.train import make_train
 
-  k = (id(stream), config, key)
+  k = (id(stream), setup, key)
   if k not in _RUNS:
-    _RUNS[k] = (stream, jax.jit(make_train(config))(jax.random.key(key), stream))
+    run = jax.jit(make_train(setup.config, setup.rule()))
+    _RUNS[k] = (stream, run(jax.random.key(key), stream))
   return _RUNS[k][1]

@@ -17,7 +17,8 @@ import pytest
 from cljax import memory, tasks
 from cljax.errors import CljaxError
 from cljax.networks import finetune_start
-from cljax.rules.base import HParams, StepContext, TaskEndContext
+from cljax.rules import registry
+from cljax.rules.base import HParams, StepContext, TaskEndContext, independent
 from cljax.rules.er import BUFFERS, er, replay_sample
 from cljax.rules.ewc import FISHERS, ewc, fisher_diagonal
 from cljax.train import Config, make_train
@@ -237,8 +238,8 @@ def small(**kw):
 
 
 def test_er_in_the_engine_replays_from_the_memory_it_fills(stream):
-  ring = jax.jit(make_train(small(variant="er")))(jax.random.key(0), stream)
-  pool = jax.jit(make_train(small(variant="er", replay_buffer="reservoir")))(
+  ring = jax.jit(make_train(small(), registry.make("er")))(jax.random.key(0), stream)
+  pool = jax.jit(make_train(small(), registry.make("er", replay_buffer="reservoir")))(
     jax.random.key(0), stream
   )
   # ring: nothing past on task 0, then every step replays; reservoir: written after each step, so
@@ -255,9 +256,7 @@ def test_ewc_in_the_engine_accumulates_a_fisher_per_finished_task(stream):
     return jax.tree.map(jnp.sum, state.fisher_sum)  # recorded at each task end, before end_task
 
   rule = base._replace(summary=summary)
-  result = jax.jit(make_train(small(variant="ewc", memory_strength=1.0), rule=rule))(
-    jax.random.key(0), stream
-  )
+  result = jax.jit(make_train(small(memory_strength=1.0), rule))(jax.random.key(0), stream)
   totals = np.asarray(sum(jax.tree.leaves(result.h)))  # (T,) sum of S over all parameters
   assert totals[0] == 0 and 0 < totals[1] < totals[2]  # one Fisher more per finished task
   assert set(result.counters) == {"steps", "mean_loss"}  # ewc reports no counters of its own
@@ -269,20 +268,18 @@ def test_ewc_in_the_engine_accumulates_a_fisher_per_finished_task(stream):
   [
     (dict(variant="ewc", fisher="exact"), "unknown fisher 'exact': choose one of empirical"),
     (dict(variant="er", replay_buffer="fifo"), "unknown replay_buffer 'fifo': choose one of ring"),
-    (dict(variant="er", replay_batch_size=0), "replay_batch_size must be >= 1"),
+    (dict(variant="er", replay_batch_size=0), "replay_batch_size must be an int >= 1"),
     (dict(variant="independent", finetune="maybe"), "unknown finetune 'maybe': choose one of yes"),
   ],
 )
 def test_bad_baseline_settings_are_one_line(kwargs, match):
   with pytest.raises(CljaxError, match=match) as err:
-    Config(**kwargs)
+    registry.make(**kwargs)
   assert "\n" not in str(err.value)
 
 
 def test_independent_leaves_finished_tasks_exactly_as_they_were(stream):
-  result = jax.jit(make_train(small(variant="independent", n_hiddens=15)))(
-    jax.random.key(0), stream
-  )
+  result = jax.jit(make_train(small(n_hiddens=15), independent()))(jax.random.key(0), stream)
   R = np.asarray(result.acc)
   for t in range(3):  # network t is trained on task t only: its accuracy never moves after
     np.testing.assert_array_equal(R[t:, t], R[t, t])
@@ -293,8 +290,8 @@ def test_finetune_starts_each_network_from_the_previous_one(stream):
   params = {"w": jnp.arange(6.0).reshape(3, 2)}
   np.testing.assert_array_equal(finetune_start(params, jnp.int32(0))["w"], params["w"])
   np.testing.assert_array_equal(finetune_start(params, jnp.int32(2))["w"], [[0, 1], [2, 3], [2, 3]])
-  fresh = jax.jit(make_train(small(variant="independent", n_hiddens=15)))(jax.random.key(0), stream)
-  tuned = jax.jit(make_train(small(variant="independent", n_hiddens=15, finetune="yes")))(
+  fresh = jax.jit(make_train(small(n_hiddens=15), independent()))(jax.random.key(0), stream)
+  tuned = jax.jit(make_train(small(n_hiddens=15), registry.make("independent", finetune="yes")))(
     jax.random.key(0), stream
   )
   np.testing.assert_array_equal(fresh.acc[0], tuned.acc[0])  # before the first copy: the same
@@ -303,19 +300,19 @@ def test_finetune_starts_each_network_from_the_previous_one(stream):
 
 def test_independent_needs_a_unit_per_task(stream):
   with pytest.raises(CljaxError, match="n_hiddens 2 < n_tasks 3") as err:
-    jax.jit(make_train(small(variant="independent", n_hiddens=2)))(jax.random.key(0), stream)
+    jax.jit(make_train(small(n_hiddens=2), independent()))(jax.random.key(0), stream)
   assert "\n" not in str(err.value)
 
 
 def test_a_rule_with_an_unknown_memory_policy_is_one_line():
   rule = er(3)._replace(memory_writes="fifo")
   with pytest.raises(CljaxError, match="unknown memory_writes 'fifo' of the rule") as err:
-    make_train(small(variant="er"), rule=rule)
+    make_train(small(), rule)
   assert "\n" not in str(err.value)
 
 
 def test_a_rule_with_an_unknown_network_form_is_one_line():
   rule = er(3)._replace(networks="per_head")
   with pytest.raises(CljaxError, match="unknown networks 'per_head' of the rule") as err:
-    make_train(small(variant="er"), rule=rule)
+    make_train(small(), rule)
   assert "\n" not in str(err.value)

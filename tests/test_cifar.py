@@ -23,6 +23,7 @@ import pytest
 from cljax import __main__ as cli
 from cljax import data, networks, run_folder, tasks
 from cljax.errors import CljaxError
+from cljax.rules import registry
 from cljax.sweep import stack_streams
 from cljax.train import Config, make_evaluate, make_train
 
@@ -209,8 +210,10 @@ def test_batch_statistics_are_learned_in_training_and_read_unchanged_in_evaluati
 ):
   net = networks.from_module(BatchNormCNN(), input_shape=(28, 28, 1), n_classes=10)
   assert net.state == ("batch_stats",) and not net.dense_only and net.first_dense is None
-  config = Config(variant=variant, batch_size=5, lr=0.05, log_every=0, n_memories=5)
-  result = jax.jit(make_train(config, network=net))(jax.random.key(0), grey_split)
+  config = Config(batch_size=5, lr=0.05, log_every=0, n_memories=5)
+  result = jax.jit(make_train(config, registry.make(variant), network=net))(
+    jax.random.key(0), grey_split
+  )
   initial = net.init_state()
   moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), result.model_state, initial)
   assert all(jax.tree.leaves(moved))  # every running mean and variance
@@ -232,8 +235,10 @@ def test_memory_passes_update_the_averages_as_the_gem_codes_observe(grey_split):
   # observe): with lr 0 the parameters stay, and the averages after task 1's first step are the
   # momentum updates by task 0's memory, then by the batch.
   net = networks.from_module(BatchNormCNN(), input_shape=(28, 28, 1), n_classes=10)
-  config = Config(variant="agem", batch_size=20, lr=1e-30, log_every=0, n_memories=5)
-  result = jax.jit(make_train(config, network=net))(jax.random.key(0), grey_split)
+  config = Config(batch_size=20, lr=1e-30, log_every=0, n_memories=5)
+  result = jax.jit(make_train(config, registry.make("agem"), network=net))(
+    jax.random.key(0), grey_split
+  )
   tagged = networks.task_network(net, n_tasks=2, classes=grey_split.classes)
   state = net.init_state()
   x0, _ = tasks.train_batch(grey_split, 0, 0, 20)
@@ -256,8 +261,8 @@ def test_n_epochs_visits_every_sample_once_per_epoch_reshuffled(grey_split):
   np.testing.assert_array_equal(first, np.asarray(grey_split.train_idx[1]))  # epoch 0: as stored
   np.testing.assert_array_equal(np.sort(second), np.sort(first))  # every sample again
   assert not np.array_equal(second, first)  # in another order
-  config = Config(variant="single", batch_size=4, n_epochs=2, log_every=0)
-  result = jax.jit(make_train(config))(jax.random.key(0), grey_split)
+  config = Config(batch_size=4, n_epochs=2, log_every=0)
+  result = jax.jit(make_train(config, registry.make("single")))(jax.random.key(0), grey_split)
   np.testing.assert_array_equal(result.counters["steps"], [2 * steps, 2 * steps])
 
 

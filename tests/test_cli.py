@@ -16,6 +16,7 @@ from cljax import __main__ as cli
 from cljax import data, run_folder, train
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
+from cljax.rules.registry import VARIANTS
 
 # The seed's command (end of its section 3), verbatim.
 SEED_COMMAND = (
@@ -35,6 +36,7 @@ RECORD_KEYS = {
   "variant",
   "config",
   "train_config",
+  "rule_settings",
   "n_tasks",
   "matrix",
   "baseline",
@@ -146,12 +148,8 @@ def test_defaults_are_the_seeds_configuration():
   )
   assert {k: getattr(args, k) for k in expected} == expected
   config = setup.train_config(args)
-  assert (config.variant, config.lr, config.batch_size, config.log_every) == (
-    "agem_new",
-    0.01,
-    1,
-    100,
-  )
+  assert args.model == "agem_new"
+  assert (config.lr, config.batch_size, config.log_every) == (0.01, 1, 100)
   assert (config.n_memories, config.memory_strength, config.n_layers, config.n_hiddens) == (
     10,
     10.0,
@@ -231,7 +229,7 @@ def test_help(capsys):
 @pytest.mark.parametrize(
   "argv,match",
   [
-    (["--model", "icarl"], "unknown variant 'icarl': choose one of " + ", ".join(train.VARIANTS)),
+    (["--model", "icarl"], "unknown variant 'icarl': choose one of " + ", ".join(VARIANTS)),
     (["--bogus", "3"], "unknown flag: --bogus"),
     (["--lr", "0.1", "--bogus=1", "--also"], "unknown flags: --bogus, --also"),
     (["--lr", "0"], "lr must be a finite number > 0, got 0.0"),
@@ -241,7 +239,7 @@ def test_help(capsys):
       ["--model", "gem", "--memory_strength", "inf"],
       "memory_strength must be a finite number >= 0",
     ),
-    (["--model", "gem", "--n_memories", "0"], "variant 'gem' needs n_memories >= 1, got 0"),
+    (["--model", "gem", "--n_memories", "0"], "gem reads the episodic memory: n_memories must be"),
     (["--batch_size", "31"], "batch_size 31 is larger than samples_per_task 30"),
     (["--ewc_reverse", "yes"], "argument --ewc_reverse: expected True or False, got 'yes'"),
     (["--forgetting_task_ids", "0,x"], "expected comma-separated integers"),
@@ -382,7 +380,8 @@ def test_single_run_writes_results_json_and_pngs(single_run):
   config = record["config"]
   assert config["beta"] == 0.5 and config["forgetting_mode"] is None and config["cuda"] == "no"
   assert record["unused_flags"] == ["--n_memories", "--beta"]
-  assert record["train_config"]["variant"] == "single" and record["train_config"]["n_hiddens"] == 12
+  assert record["variant"] == "single" and record["train_config"]["n_hiddens"] == 12
+  assert record["rule_settings"] == {}  # single has none
   assert record["stream"]["samples_per_task"] == 30 and record["stream"]["test_samples"] == 50
   assert record["schedule"] == {"steps_per_task": 30, "steps_per_chunk": 10, "chunks_per_task": 3}
 
@@ -436,8 +435,10 @@ def test_other_variants_run_without_plots(tiny_data, tmp_path, capsys, variant, 
   folder = tmp_path / run_folder.run_name(variant, "fashion_mnist", "permutations", 3, agem_ref=ref)
   assert os.listdir(folder) == [run_folder.RESULTS_JSON]
   record = load_record(folder)
-  assert record["train_config"]["variant"] == variant
-  assert record["train_config"]["agem_ref"] == ref and record["finite"] == [True, True]
+  assert record["variant"] == variant and "variant" not in record["train_config"]
+  assert record["finite"] == [True, True]
+  if variant == "agem":
+    assert record["rule_settings"]["agem_ref"] == ref
   np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
 
 
@@ -450,13 +451,13 @@ def test_grouped_run_names_its_settings_and_records_them(tiny_data, tmp_path, ca
   name = "gem_grouped-num_groups-3-cov_recompute_every-5-cov_first_task_buffer-20-bias_once-True"
   folder = tmp_path / f"{name}_fashion_mnist_permutations_seed3"
   record = load_record(folder)
-  grouped = record["train_config"]["grouped"]
+  grouped = record["rule_settings"]["grouped"]
   assert grouped["num_groups"] == 3 and grouped["grouping"] == "cluster" and grouped["bias_once"]
   assert grouped["cov_first_task_buffer"] == 20 and record["finite"] == [True, True]
   np.testing.assert_allclose(printed_matrix(out, 2), record["matrix"], atol=5e-5)
   # one unit per group: --num_groups follows --n_hiddens
   args, _ = setup.parse_args(["--model", "agem_grouped", "--create_group_per_unit", "True"])
-  assert setup.train_config(args).grouped.num_groups == 100
+  assert setup.rule_settings(args)["grouped"].num_groups == 100
 
 
 def test_divergence_keeps_results_and_exits_1(tiny_data, tmp_path, capsys, monkeypatch):

@@ -179,12 +179,13 @@ def test_bad_rule_values_are_one_line(rules_module, capsys, value, match):
 @pytest.mark.realdata
 def test_adam_through_the_engine(real_stream):
   key = jax.random.key(0)
-  by_name = Config(variant="agem", optimizer="adam", lr=1e-3, log_every=0, n_memories=10)
-  adam = jax.jit(make_train(by_name))(key, real_stream)
-  given = jax.jit(make_train(by_name, optimizer=optax.adam))(key, real_stream)
+  by_name = Config(optimizer="adam", lr=1e-3, log_every=0, n_memories=10)
+  agem = rules.make("agem")
+  adam = jax.jit(make_train(by_name, agem))(key, real_stream)
+  given = jax.jit(make_train(by_name, agem, optimizer=optax.adam))(key, real_stream)
   for a, b in zip(jax.tree.leaves(adam), jax.tree.leaves(given), strict=True):
     np.testing.assert_array_equal(a, b)  # the name is the callable
-  sgd = jax.jit(make_train(dataclasses.replace(by_name, optimizer="sgd")))(key, real_stream)
+  sgd = jax.jit(make_train(dataclasses.replace(by_name, optimizer="sgd"), agem))(key, real_stream)
   assert not np.array_equal(adam.acc, sgd.acc) and bool(np.all(adam.finite))
   assert np.all(np.asarray(adam.acc)[np.arange(3), np.arange(3)] > 0.3)  # it learns each task
 
@@ -203,14 +204,16 @@ def scaled_sgd() -> rules.Rule:
 
 @pytest.mark.realdata
 def test_a_rules_own_hyper_parameter_is_swept_in_one_compile(real_stream):
-  config = Config(variant="single", lr=0.02, log_every=0)
+  config = Config(lr=0.02, log_every=0)
   rule = scaled_sgd()
   hp = grid_hparams(config, 2, rule, scale=[0.5, 1.0])
   keys = jax.vmap(jax.random.key)(jnp.asarray([0, 0]))
-  sweep = jax.jit(make_sweep(config, strategy="map", rule=rule, devices=jax.devices()[:1]))
+  sweep = jax.jit(make_sweep(config, rule, strategy="map", devices=jax.devices()[:1]))
   both = sweep(keys, stack_streams([real_stream, real_stream]), hp)  # one program, two scales
   for i, lr in enumerate((0.01, 0.02)):  # x 0.5 is exact: scale 0.5 is single at half the lr
-    plain = jax.jit(make_train(dataclasses.replace(config, lr=lr)))(jax.random.key(0), real_stream)
+    plain = jax.jit(make_train(dataclasses.replace(config, lr=lr), rules.single()))(
+      jax.random.key(0), real_stream
+    )
     np.testing.assert_array_equal(np.asarray(both.acc[i]), np.asarray(plain.acc))
   with pytest.raises(CljaxError, match=r"cannot sweep \['temperature'\]"):
     grid_hparams(config, 2, rule, temperature=[1.0, 2.0])

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from numerics import assert_trees_close_after
 
+from cljax import tasks
 from cljax.errors import CljaxError
 from cljax.grouped.state import GroupedConfig
-from cljax.train import GROUPED_VARIANTS, Config, HParams, make_train
+from cljax.rules.registry import GROUPED_VARIANTS
+from cljax.train import Config, HParams, make_train
 
 N_TASKS, SAMPLES, TEST, HIDDEN = 3, 100, 200, 20
 # Plain rows: h = 1 on every past task and group, each bias once.
@@ -33,8 +35,9 @@ def stream(request):
 
 
 def config(variant, **kw):
-  base = dict(variant=variant, n_hiddens=HIDDEN, n_memories=5, log_every=0, lr=0.05)
-  return Config(**{**base, **kw})
+  """The run's `conftest.EngineSetup`: the engine's Config and the rule's settings from kw."""
+  base = dict(n_hiddens=HIDDEN, n_memories=5, log_every=0, lr=0.05)
+  return conftest.EngineSetup(Config(), variant).replace(**{**base, **kw})
 
 
 _cache = {}
@@ -42,7 +45,7 @@ _cache = {}
 
 def run(stream, cfg, key=0):
   if (cfg, key) not in _cache:
-    _cache[(cfg, key)] = jax.jit(make_train(cfg))(jax.random.key(key), stream)
+    _cache[(cfg, key)] = jax.jit(make_train(cfg.config, cfg.rule()))(jax.random.key(key), stream)
   return _cache[(cfg, key)]
 
 
@@ -147,7 +150,7 @@ def test_one_compile_for_seeds_and_hyper_parameters(stream):
 
   def counted(key, hp):
     traces.append(1)
-    return make_train(cfg)(key, stream, hp).acc
+    return make_train(cfg.config, cfg.rule())(key, stream, hp).acc
 
   f = jax.jit(counted)
   a = f(jax.random.key(0), HParams(jnp.float32(0.05), jnp.float32(0.0)))
@@ -159,7 +162,7 @@ def test_one_compile_for_seeds_and_hyper_parameters(stream):
 @pytest.mark.parametrize(
   ("kwargs", "match"),
   [
-    (dict(variant="gem", grouped=GroupedConfig(num_groups=5)), "grouped settings apply to"),
+    (dict(variant="gem", grouped=GroupedConfig(num_groups=5)), "gem does not read grouped"),
     (dict(variant="gem_grouped", memory_grads="explicit"), "memory_grads 'factored'"),
     (dict(variant="gem_grouped", grouped=GroupedConfig(num_groups=21)), r"exceeds n_hiddens"),
     (
@@ -173,7 +176,10 @@ def test_one_compile_for_seeds_and_hyper_parameters(stream):
     (dict(variant="gem_grouped", grouped={"num_groups": 4}), "must be a cljax.grouped.state"),
   ],
 )
-def test_bad_config(kwargs, match):
+def test_bad_settings_are_one_line(small_dataset, kwargs, match):
+  # Refused when the rule is made (its settings) or traced (against the network it is given).
+  small = tasks.make_stream(small_dataset, protocol="permutations", n_tasks=2, samples_per_task=4)
   with pytest.raises(CljaxError, match=match) as err:
-    config(**kwargs)
+    cfg = config(**kwargs)
+    jax.jit(make_train(cfg.config, cfg.rule())).lower(jax.random.key(0), small)
   assert "\n" not in str(err.value)

@@ -18,6 +18,7 @@ from conftest import real_permutation_stream
 from cljax import networks, tasks
 from cljax.errors import CljaxError
 from cljax.models import make_mlp
+from cljax.rules import registry, single
 from cljax.train import Config, make_evaluate, make_train, resolve_config
 
 
@@ -69,8 +70,8 @@ def split_stream(small_dataset):
   return tasks.make_stream(small_dataset, protocol="split", n_tasks=2, samples_per_task=20, seed=0)
 
 
-def config(variant, **kw):
-  return Config(variant=variant, **{"n_memories": 8, "log_every": 0, "lr": 0.05, **kw})
+def config(**kw):
+  return Config(**{"n_memories": 8, "log_every": 0, "lr": 0.05, **kw})
 
 
 # --- what is detected ---------------------------------------------------------------------------
@@ -88,12 +89,12 @@ def test_detected_properties():
 
 
 def test_memory_grads_auto_follows_the_network():
-  assert resolve_config(Config(variant="gem")).memory_grads == "factored"  # the MLP
-  assert resolve_config(Config(variant="gem"), cnn()).memory_grads == "explicit"
+  assert resolve_config(Config()).memory_grads == "factored"  # the MLP
+  assert resolve_config(Config(), cnn()).memory_grads == "explicit"
   skip = networks.from_module(Skip(), input_shape=GREY, n_classes=10)
-  assert resolve_config(Config(variant="gem"), skip).memory_grads == "factored"
+  assert resolve_config(Config(), skip).memory_grads == "factored"
   with pytest.raises(CljaxError, match="memory_grads factored needs a network of Dense layers"):
-    resolve_config(Config(variant="gem", memory_grads="factored"), cnn())
+    resolve_config(Config(memory_grads="factored"), cnn())
 
 
 # --- runs ---------------------------------------------------------------------------------------
@@ -101,10 +102,10 @@ def test_memory_grads_auto_follows_the_network():
 
 def test_a_copy_of_the_mlp_from_outside_runs_the_built_in_program(stream):
   # from_module(MLP) detects what mlp_network declares: the same program, bit for bit.
-  cfg = config("gem")
-  built_in = jax.jit(make_train(cfg))(jax.random.key(0), stream)
+  cfg, gem = config(), registry.make("gem")
+  built_in = jax.jit(make_train(cfg, gem))(jax.random.key(0), stream)
   copy = networks.from_module(make_mlp(), input_shape=(784,), n_classes=10)
-  outside = jax.jit(make_train(cfg, network=copy))(jax.random.key(0), stream)
+  outside = jax.jit(make_train(cfg, gem, network=copy))(jax.random.key(0), stream)
   for a, b in zip(jax.tree.leaves(built_in), jax.tree.leaves(outside), strict=True):
     np.testing.assert_array_equal(a, b)
 
@@ -119,8 +120,10 @@ def fashion(real_fashion_dir):
 @pytest.mark.realdata
 @pytest.mark.parametrize("variant", ["gem", "ewc"])
 def test_a_cnn_from_outside_trains_with_a_memory_rule_and_a_penalty_rule(fashion, variant):
-  cfg = config(variant, memory_strength=0.5 if variant == "gem" else 10.0, lr=0.1, batch_size=2)
-  result = jax.jit(make_train(cfg, network=cnn()))(jax.random.key(0), fashion)
+  cfg = config(memory_strength=0.5 if variant == "gem" else 10.0, lr=0.1, batch_size=2)
+  result = jax.jit(make_train(cfg, registry.make(variant), network=cnn()))(
+    jax.random.key(0), fashion
+  )
   assert bool(jnp.all(result.finite)) and result.acc.shape == (2, 2)
   assert result.params["Conv_0"]["kernel"].shape == (3, 3, 1, 4)  # the module's own parameters
   np.testing.assert_array_equal(result.counters["steps"], [100, 100])
@@ -132,12 +135,13 @@ def test_a_cnn_from_outside_trains_with_a_memory_rule_and_a_penalty_rule(fashion
 
 def test_per_task_copies_and_heads_wrap_any_module(stream, split_stream):
   # independent: one CNN per task; a finished task's network is never touched again.
-  result = jax.jit(make_train(config("independent"), network=cnn()))(jax.random.key(0), stream)
+  independent = registry.make("independent")
+  result = jax.jit(make_train(config(), independent, network=cnn()))(jax.random.key(0), stream)
   assert result.params["Conv_0"]["kernel"].shape == (2, 3, 3, 1, 4)
   np.testing.assert_array_equal(result.acc[1, 0], result.acc[0, 0])
   # split: task t's logits are its classes'; classes no task holds keep their init exactly.
   key = jax.random.key(0)
-  result = jax.jit(make_train(config("gem"), network=cnn()))(key, split_stream)
+  result = jax.jit(make_train(config(), registry.make("gem"), network=cnn()))(key, split_stream)
   init = cnn().init(jax.random.split(key)[0])
   untouched = ~np.asarray(split_stream.classes).any(0)  # classes 4..9
   assert untouched.sum() == 6
@@ -173,9 +177,9 @@ def mlp_logit_atol(params, x):
 def test_generic_evaluation_equals_the_folded_one_on_the_mlp(fashion):
   # Two programs: the MLP's first layer folded with each task's map vs each task's mapped images.
   # An example can change its argmax only when its top two logits are within twice the bound.
-  cfg = config("single", eval_batch_size=70)  # several batches and a padded last one
+  cfg = config(eval_batch_size=70)  # several batches and a padded last one
   stream = fashion
-  params = jax.jit(make_train(cfg))(jax.random.key(1), stream).params  # trained: real margins
+  params = jax.jit(make_train(cfg, single()))(jax.random.key(1), stream).params  # real margins
   generic = networks.mlp_network(100, 2, "gem")._replace(first_dense=None)
   folded = np.asarray(jax.jit(make_evaluate(cfg))(params, stream))
   mapped = np.asarray(jax.jit(make_evaluate(cfg, generic))(params, stream))
@@ -190,7 +194,7 @@ def test_generic_evaluation_equals_the_folded_one_on_the_mlp(fashion):
 
 
 def test_a_split_stream_is_scored_per_head_by_the_generic_evaluation(split_stream):
-  cfg = config("single")
+  cfg = config()
   net = networks.mlp_network(100, 2, "gem")
   params = net.init(jax.random.key(2))
   folded = np.asarray(jax.jit(make_evaluate(cfg))(params, split_stream))
@@ -229,34 +233,38 @@ def test_a_module_that_does_not_work_is_refused_in_one_line(module, input_shape,
 def test_a_network_that_does_not_fit_the_stream_is_refused_in_one_line(stream, split_stream):
   colour = networks.from_module(SmallCNN(), input_shape=(32, 32, 3), n_classes=10)
   with pytest.raises(CljaxError, match=r"takes 32 x 32 x 3 inputs \(3072 values\)") as info:
-    jax.jit(make_train(config("gem"), network=colour)).lower(jax.random.key(0), stream)
+    jax.jit(make_train(config(), registry.make("gem"), network=colour)).lower(
+      jax.random.key(0), stream
+    )
   assert "but the stream's examples have 784" in one_line(info)
   five = cnn(n_classes=5)
   with pytest.raises(CljaxError, match="has 5 outputs but the stream has 10 classes") as info:
-    jax.jit(make_train(config("er"), network=five)).lower(jax.random.key(0), split_stream)
+    jax.jit(make_train(config(), registry.make("er"), network=five)).lower(
+      jax.random.key(0), split_stream
+    )
   one_line(info)
 
 
 @pytest.mark.parametrize("variant", ["gem_grouped", "agem_grouped"])
 def test_a_grouped_variant_refuses_another_network_in_one_line(variant):
-  with pytest.raises(CljaxError, match=f"{variant} groups the hidden Dense units") as info:
-    make_train(Config(variant=variant), network=cnn())
+  with pytest.raises(CljaxError, match="the rule groups the hidden Dense units") as info:
+    make_train(Config(), registry.make(variant), network=cnn())
   assert "SmallCNN" in one_line(info)
 
 
 def test_the_engine_reads_what_a_rule_declares_not_its_name(stream):
-  """independent as a rule handed to a `single` config is the built-in independent, bit for bit:
-  the per-task networks and the finetune start come from `Rule.networks`, not the variant."""
+  """independent as a rule made by hand is the registry's independent, bit for bit: the
+  per-task networks and the finetune start come from `Rule.networks`, not a name."""
   from cljax import rules
 
   for finetune in ("no", "yes"):
-    built_in = jax.jit(make_train(config("independent", finetune=finetune)))
-    declared = jax.jit(make_train(config("single"), rules.independent(finetune == "yes")))
+    built_in = jax.jit(make_train(config(), registry.make("independent", finetune=finetune)))
+    declared = jax.jit(make_train(config(), rules.independent(finetune == "yes")))
     a, b = built_in(jax.random.key(1), stream), declared(jax.random.key(1), stream)
     np.testing.assert_array_equal(np.asarray(a.acc), np.asarray(b.acc))
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   hidden = rules.single()._replace(hidden_units=True)  # a rule reading the MLP's hidden units
   with pytest.raises(CljaxError, match="the rule groups the hidden Dense units") as info:
-    make_train(config("single"), hidden, network=cnn())
+    make_train(config(), hidden, network=cnn())
   one_line(info)

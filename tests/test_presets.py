@@ -10,6 +10,7 @@ import pytest
 from cljax import __main__ as cli
 from cljax import presets, run_folder, sweep_cli, train
 from cljax import run_setup as setup
+from cljax.rules import registry
 
 NAMES = list(presets.PRESETS)
 
@@ -42,7 +43,7 @@ def test_the_presets_values():
     2,
     100,
   )
-  assert paper.model == train.Config.variant and paper.protocol == "permutations"  # not set
+  assert paper.model == setup.RUN_DEFAULTS["model"] and paper.protocol == "permutations"  # not set
 
 
 def test_given_flags_win_and_one_note_says_so():
@@ -116,9 +117,10 @@ def test_a_papers_method_settings_come_with_the_preset_for_that_method_only():
   # The A-GEM paper's reference sample (256) for agem; not for gem, which does not read it.
   agem, notes = setup.parse_args(["--preset", "gem_paper_mnist", "--model", "agem"])
   assert agem.replay_batch_size == 256 and notes == []
-  assert setup.train_config(agem).replay_batch_size == 256
+  assert setup.rule_settings(agem)["replay_batch_size"] == 256
   gem, _ = setup.parse_args(["--preset", "gem_paper_mnist", "--model", "gem"])
-  assert gem.replay_batch_size == train.Config.replay_batch_size
+  assert gem.replay_batch_size == registry.SETTINGS["replay_batch_size"].default
+  assert "replay_batch_size" not in setup.rule_settings(gem)  # gem does not read it
   given, notes = setup.parse_args(
     ["--preset", "gem_paper_mnist", "--model", "agem", "--replay_batch_size", "64"]
   )
@@ -136,10 +138,11 @@ def test_paper_protocols_runs_what_the_preset_runs():
 
   fields = {f.name for f in dataclasses.fields(train.Config)}
   for method, (model, own) in paper_protocols.METHODS.items():
-    config = paper_protocols.method_config(method)
-    assert config.variant == model
+    config, rule, settings = paper_protocols.method_setup(method)
+    assert rule.networks == ("per_task" if model == "independent" else "shared")
     for dest, value in presets.settings_for("gem_paper_mnist", model).items():
-      field = "variant" if dest == "model" else dest
-      if field in fields:
-        assert getattr(config, field) == own.get(dest, value), (method, dest)
-  assert paper_protocols.method_config("agem").replay_batch_size == 256
+      if dest in fields:
+        assert getattr(config, dest) == own.get(dest, value), (method, dest)
+      elif dest in settings:
+        assert settings[dest] == own.get(dest, value), (method, dest)
+  assert paper_protocols.method_setup("agem")[2]["replay_batch_size"] == 256

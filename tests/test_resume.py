@@ -18,6 +18,7 @@ import pytest
 from cljax import __main__ as cli
 from cljax import checkpoints, run_folder
 from cljax.errors import CljaxError
+from cljax.rules import make
 from cljax.train import Config, make_task_runner, make_train, schedule, stack
 
 SHORT = ["--model", "agem", "--n_tasks", "4", "--samples_per_task", "100", "--log_every", "50"]
@@ -31,10 +32,10 @@ def results(folder):
 
 @pytest.mark.realdata
 def test_the_driven_pieces_compute_the_scan_bit_for_bit(real_stream):
-  config = Config(variant="gem", n_memories=8, log_every=100, memory_strength=0.5, lr=0.02)
+  config = Config(n_memories=8, log_every=100, memory_strength=0.5, lr=0.02)
   key = jax.random.key(0)
-  whole = jax.device_get(jax.jit(make_train(config))(key, real_stream))
-  runner = make_task_runner(config)
+  whole = jax.device_get(jax.jit(make_train(config, make("gem")))(key, real_stream))
+  runner = make_task_runner(config, make("gem"))
   start, start_task, chunk, end = (
     jax.jit(f) for f in (runner.start, runner.start_task, runner.chunk, runner.end_task)
   )

@@ -1,8 +1,9 @@
 """Rules as pluggable pieces (`cljax.rules`): custom rules, compositions, one compile, optax.
 
-Compositions are compared with the Config overrides of the same name as programs: the jaxprs of
-the two runs are equal, so their results are the same bit for bit. That the overrides run and
-give the numbers they gave before the rules were pieces is `test_golden.py`'s.
+Compositions are compared with the registry's overrides of the same name (`registry.make`'s
+reference_row, trigger, projection) as programs: the jaxprs of the two runs are equal, so their
+results are the same bit for bit. That the overrides run and give the numbers they gave before
+the rules were pieces is `test_golden.py`'s.
 """
 
 import itertools
@@ -18,7 +19,7 @@ import pytest
 
 from cljax import projections, rules, tasks, transforms
 from cljax.errors import CljaxError
-from cljax.rules import agem
+from cljax.rules import agem, registry
 from cljax.train import Config, HParams, make_train
 
 N_TASKS, SAMPLES = 3, 40
@@ -42,8 +43,8 @@ def half_sgd() -> rules.Rule:
 
 def test_a_rule_that_halves_g_equals_single_at_half_the_learning_rate(stream):
   key = jax.random.key(0)
-  got = jax.jit(make_train(small(variant="single", lr=0.02), rule=half_sgd()))(key, stream)
-  want = jax.jit(make_train(small(variant="single", lr=0.01)))(key, stream)
+  got = jax.jit(make_train(small(lr=0.02), half_sgd()))(key, stream)
+  want = jax.jit(make_train(small(lr=0.01), rules.single()))(key, stream)
   # lr (g / 2) and (lr / 2) g are the same product (a power of 2 scales exactly), but the two
   # programs may fuse the update differently: the trajectory bound over the run's steps.
   numerics.assert_trees_close_after(got.params, want.params, steps=N_TASKS * SAMPLES)
@@ -62,7 +63,7 @@ def test_a_rule_that_halves_g_equals_single_at_half_the_learning_rate(stream):
 def test_bad_counters_are_refused_in_one_line(stream, counters, match):
   rule = rules.stateless(lambda g, ctx: (g, counters(ctx)))
   with pytest.raises(CljaxError, match=match) as info:
-    jax.jit(make_train(small(variant="single"), rule=rule)).lower(jax.random.key(0), stream)
+    jax.jit(make_train(small(), rule)).lower(jax.random.key(0), stream)
   assert "\n" not in str(info.value).split("\n--")[0]
 
 
@@ -71,15 +72,15 @@ COMPOSITIONS = list(itertools.product(agem.REFERENCES, agem.TRIGGERS, agem.PROJE
 
 @pytest.mark.parametrize("reference,trigger,projection", COMPOSITIONS)
 def test_each_composition_is_the_override_of_the_same_name(stream, reference, trigger, projection):
-  override = small(
-    variant="agem_new", reference_row=reference, trigger=trigger, projection=projection
+  override = registry.make(
+    "agem_new", reference_row=reference, trigger=trigger, projection=projection
   )
   rule = agem.agem_rule(
     agem.REFERENCES[reference](), agem.TRIGGERS[trigger](), agem.PROJECTIONS[projection]()
   )
   args = (jax.random.key(0), stream, HParams(jnp.float32(0.01), jnp.float32(0.5)))
-  got = jax.make_jaxpr(make_train(small(variant="agem_new"), rule=rule))(*args)
-  want = jax.make_jaxpr(make_train(override))(*args)
+  got = jax.make_jaxpr(make_train(small(), rule))(*args)
+  want = jax.make_jaxpr(make_train(small(), override))(*args)
   assert str(got) == str(want)
 
 
@@ -98,7 +99,7 @@ def test_an_unknown_grouped_rule_is_one_line():
 
 
 def test_one_trace_for_several_seeds_and_hyper_parameters(stream):
-  traced = chex.assert_max_traces(make_train(small(variant="agem_new")), n=1)
+  traced = chex.assert_max_traces(make_train(small(), registry.make("agem_new")), n=1)
   run = jax.jit(traced)
   for seed, lr in ((0, 0.01), (1, 0.05), (2, 0.02)):
     run(jax.random.key(seed), stream, HParams(jnp.float32(lr), jnp.float32(0.5)))
@@ -125,7 +126,7 @@ def test_a_stateful_rule_sees_every_step_and_task_end(stream):
     summary=lambda state: state.ends,
     uses_memory=False,
   )
-  result = jax.jit(make_train(small(variant="single"), rule=rule))(jax.random.key(0), stream)
+  result = jax.jit(make_train(small(), rule))(jax.random.key(0), stream)
   # summary is taken before each task's end_task: row t holds the ends of tasks < t
   want = np.array([[0, 0, 0], [SAMPLES, 0, 0], [SAMPLES, 2 * SAMPLES, 0]])
   np.testing.assert_array_equal(result.h, want)

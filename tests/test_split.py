@@ -17,6 +17,7 @@ from cljax import __main__ as cli
 from cljax import data, tasks
 from cljax.errors import CljaxError
 from cljax.models import make_mlp
+from cljax.rules import registry
 from cljax.train import Config, make_evaluate, make_train
 
 
@@ -63,7 +64,7 @@ def test_split_task_counts_and_bad_counts(small_dataset):
 
 def test_each_task_is_scored_on_its_classes_with_its_head(small_dataset):
   stream = tasks.make_stream(small_dataset, protocol="split", n_tasks=5, samples_per_task=5)
-  config = Config(variant="single", n_hiddens=16, eval_batch_size=16)  # several batches + padding
+  config = Config(n_hiddens=16, eval_batch_size=16)  # several batches + padding
   model = make_mlp(16, 2, init="torch")
   params = model.init(jax.random.key(1), jnp.zeros((1, 784)))["params"]
   got = np.asarray(jax.jit(make_evaluate(config))(params, stream))
@@ -86,8 +87,8 @@ def test_heads_leave_the_classes_of_untrained_tasks_untouched(small_dataset, var
   """Tasks 0 and 1 (classes 0-3) trained: the output units of classes 4-9 get exactly zero
   gradient from the batch, the memory (gem, er) and the Fisher (ewc), so they keep their init."""
   stream = tasks.make_stream(small_dataset, protocol="split", n_tasks=2, samples_per_task=20)
-  config = Config(variant=variant, n_hiddens=16, n_memories=4, log_every=0, lr=0.1)
-  result = jax.jit(make_train(config))(jax.random.key(0), stream)
+  config = Config(n_hiddens=16, n_memories=4, log_every=0, lr=0.1)
+  result = jax.jit(make_train(config, registry.make(variant)))(jax.random.key(0), stream)
   init = make_mlp(16, 2, init="gem").init(
     jax.random.split(jax.random.key(0))[0], jnp.zeros((1, 784))
   )
@@ -101,9 +102,9 @@ def test_heads_leave_the_classes_of_untrained_tasks_untouched(small_dataset, var
 
 def test_grouped_variants_refuse_split_in_one_line(small_dataset):
   stream = tasks.make_stream(small_dataset, protocol="split", n_tasks=2, samples_per_task=20)
-  config = Config(variant="gem_grouped", n_hiddens=20, log_every=0)
-  with pytest.raises(CljaxError, match="gem_grouped reads the network's hidden units") as err:
-    jax.jit(make_train(config))(jax.random.key(0), stream)
+  config = Config(n_hiddens=20, log_every=0)
+  with pytest.raises(CljaxError, match="the rule reads the network's hidden units") as err:
+    jax.jit(make_train(config, registry.make("gem_grouped")))(jax.random.key(0), stream)
   assert "\n" not in str(err.value)
 
 

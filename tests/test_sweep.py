@@ -1,5 +1,6 @@
 """cljax.sweep: many runs in one compiled call equal the same runs made one by one."""
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +17,10 @@ SEEDS = (0, 1, 2)
 STEPS = 3 * 80  # each run's steps: the horizon of the trajectory bounds
 
 
-def _config(**kw):
-  return Config(
-    **{"variant": "gem", "n_memories": 5, "log_every": 40, "memory_strength": 0.5, **kw}
-  )
+def _config(variant="gem", **kw):
+  """The sweep's `conftest.EngineSetup`: the engine's Config and a built-in rule's settings."""
+  base = {"n_memories": 5, "log_every": 40, "memory_strength": 0.5}
+  return conftest.EngineSetup(Config(), variant).replace(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def runs(request):
 
 
 def _one_by_one(config, streams, keys, hparams):
-  single = jax.jit(make_train(config))
+  single = jax.jit(make_train(config.config, config.rule()))
   return [
     single(keys[i], streams[i], jax.tree.map(lambda a, i=i: a[i], hparams))
     for i in range(len(streams))
@@ -47,8 +48,8 @@ def test_map_sweep_equals_runs_one_by_one(runs):
   # exactly the same decisions (projections, QP iterations).
   streams, stacked, keys = runs
   cfg = _config()
-  hp = grid_hparams(cfg, len(SEEDS), lr=[0.01, 0.02, 0.05])
-  swept = jax.jit(make_sweep(cfg, strategy="map"))(keys, stacked, hp)
+  hp = grid_hparams(cfg.config, len(SEEDS), lr=[0.01, 0.02, 0.05])
+  swept = jax.jit(make_sweep(cfg.config, cfg.rule(), strategy="map"))(keys, stacked, hp)
   for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
     ours = jax.tree.map(lambda a, i=i: a[i], swept)
     assert_trees_close_after(ours.params, ref.params, STEPS)
@@ -62,8 +63,10 @@ def test_batched_sweeps_equal_runs_one_by_one_up_to_rounding(runs, strategy, bat
   # Batched matrix products may round differently from unbatched ones on a CPU.
   streams, stacked, keys = runs
   cfg = _config()
-  hp = grid_hparams(cfg, len(SEEDS))
-  swept = jax.jit(make_sweep(cfg, strategy=strategy, batch_size=batch_size))(keys, stacked, hp)
+  hp = grid_hparams(cfg.config, len(SEEDS))
+  swept = jax.jit(make_sweep(cfg.config, cfg.rule(), strategy=strategy, batch_size=batch_size))(
+    keys, stacked, hp
+  )
   for i, ref in enumerate(_one_by_one(cfg, streams, keys, hp)):
     ours = jax.tree.map(lambda a, i=i: a[i], swept)
     assert_trees_close_after(ours.params, ref.params, STEPS)
@@ -78,11 +81,11 @@ def test_a_grid_compiles_once(runs):
 
   def counted(keys, streams, hp):
     traces.append(1)
-    return make_sweep(cfg)(keys, streams, hp).acc
+    return make_sweep(cfg.config, cfg.rule())(keys, streams, hp).acc
 
   f = jax.jit(counted)
-  a = f(keys, stacked, grid_hparams(cfg, 3, memory_strength=[0.0, 0.5, 1.0]))
-  b = f(keys, stacked, grid_hparams(cfg, 3, lr=[0.03, 0.03, 0.03]))
+  a = f(keys, stacked, grid_hparams(cfg.config, 3, memory_strength=[0.0, 0.5, 1.0]))
+  b = f(keys, stacked, grid_hparams(cfg.config, 3, lr=[0.03, 0.03, 0.03]))
   assert len(traces) == 1
   assert not np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -106,15 +109,17 @@ def test_bad_input(runs, small_dataset):
   with pytest.raises(CljaxError, match="streams differ in test_x"):
     stack_streams([streams[0], subset])
   with pytest.raises(CljaxError, match=r"cannot sweep \['n_memories'\] in one compile"):
-    grid_hparams(cfg, 3, n_memories=[1, 2, 3])
+    grid_hparams(cfg.config, 3, n_memories=[1, 2, 3])
   with pytest.raises(CljaxError, match="lr needs 3 values"):
-    grid_hparams(cfg, 3, lr=[0.1])
+    grid_hparams(cfg.config, 3, lr=[0.1])
   with pytest.raises(CljaxError, match="unknown strategy 'pmap'"):
-    make_sweep(cfg, strategy="pmap")
+    make_sweep(cfg.config, cfg.rule(), strategy="pmap")
   with pytest.raises(CljaxError, match=r"hparams.lr needs shape \(3,\)"):
-    make_sweep(cfg)(keys, stacked, HParams(jnp.ones(2), jnp.ones(3)))
+    make_sweep(cfg.config, cfg.rule())(keys, stacked, HParams(jnp.ones(2), jnp.ones(3)))
   with pytest.raises(CljaxError, match="2 keys but 3 streams"):
-    make_sweep(cfg)(keys[:2], stacked, HParams(*(jnp.ones(2) for _ in HParams._fields)))
+    make_sweep(cfg.config, cfg.rule())(
+      keys[:2], stacked, HParams(*(jnp.ones(2) for _ in HParams._fields))
+    )
 
 
 @pytest.mark.parametrize("strategy", ["map", "vmap"])
@@ -122,8 +127,10 @@ def test_on_run_reports_each_run_once_with_its_results(runs, strategy):
   _, stacked, keys = runs
   cfg = _config(variant="agem_new")
   seen = {}
-  sweep = make_sweep(cfg, strategy=strategy, on_run=lambda i, r: seen.setdefault(i, r))
-  out = jax.jit(sweep)(keys, stacked, grid_hparams(cfg, len(SEEDS)))
+  sweep = make_sweep(
+    cfg.config, cfg.rule(), strategy=strategy, on_run=lambda i, r: seen.setdefault(i, r)
+  )
+  out = jax.jit(sweep)(keys, stacked, grid_hparams(cfg.config, len(SEEDS)))
   jax.effects_barrier()
   assert sorted(seen) == list(range(len(SEEDS)))
   for i, r in seen.items():
@@ -138,7 +145,7 @@ def test_an_empty_sweep_is_refused(runs):
   empty = jax.tree.map(lambda a: a[:0], stacked)
   hp = HParams(*(jnp.ones(0) for _ in HParams._fields))
   with pytest.raises(CljaxError, match="at least one run"):
-    make_sweep(cfg)(
+    make_sweep(cfg.config, cfg.rule())(
       keys[:0],
       stacked._replace(**{n: getattr(empty, n) for n in ("train_idx", "pix_idx", "pix_w")}),
       hp,
@@ -150,10 +157,12 @@ def test_grouped_variant_sweeps_on_one_device_and_refuses_several_cpu_devices(ru
   streams, stacked, keys = runs
   grouped = GroupedConfig(num_groups=4, cov_recompute_every=10, cov_first_task_buffer=20)
   cfg = _config(variant="gem_grouped", n_hiddens=20, log_every=0, grouped=grouped)
-  hp = grid_hparams(cfg, len(SEEDS))
+  hp = grid_hparams(cfg.config, len(SEEDS))
   cpu = jax.devices("cpu")[0]
-  out = jax.jit(make_sweep(cfg, strategy="vmap", devices=[cpu]))(keys, stacked, hp)
+  out = jax.jit(make_sweep(cfg.config, cfg.rule(), strategy="vmap", devices=[cpu]))(
+    keys, stacked, hp
+  )
   for i, want in enumerate(_one_by_one(cfg, streams, keys, hp)):
     assert_trees_close_after(jax.tree.map(lambda a, i=i: a[i], out.params), want.params, STEPS)
   with pytest.raises(CljaxError, match="cannot be split across 2 CPU devices"):
-    make_sweep(cfg, devices=[cpu, cpu])
+    make_sweep(cfg.config, cfg.rule(), devices=[cpu, cpu])

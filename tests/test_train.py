@@ -1,6 +1,5 @@
 """cljax.train: every variant on small real Fashion-MNIST runs, and the equalities of the math."""
 
-import dataclasses
 import math
 
 import chex
@@ -16,8 +15,11 @@ from cljax.errors import CljaxError
 from cljax.memory import Memory, write_memory
 from cljax.memory_grads import mean_loss, past_grad_sum, past_slot_counts
 from cljax.models import make_mlp
+from cljax.rules import registry, single
 from cljax.rules.base import StepContext
-from cljax.train import VARIANTS, Config, HParams, make_evaluate, make_train, schedule
+from cljax.train import Config, HParams, make_evaluate, make_train, schedule
+
+VARIANTS = tuple(registry.VARIANTS)
 
 N_TASKS, TEST = conftest.ENGINE_TASKS, 500
 config, run = conftest.engine_config, conftest.engine_run
@@ -48,7 +50,7 @@ def test_every_variant_learns_and_counts_consistently(stream, variant, ref):
   assert np.all(np.diag(R) > 0.3), R  # chance is 0.1
   assert np.all(np.asarray(result.finite))
   c = jax.tree.map(np.asarray, result.counters)
-  steps, chunk, n_chunks = schedule(config(variant), stream)
+  steps, chunk, n_chunks = schedule(config(variant).config, stream)
   np.testing.assert_array_equal(c["steps"], steps)
   assert np.all(np.isfinite(c["mean_loss"])) and np.all(c["mean_loss"] > 0)
   qp_rule = variant in ("gem", "agem_old", "agem_qp_mean", "gem_grouped", "agem_qp_grouped")
@@ -90,7 +92,7 @@ def test_factored_memory_gradients_equal_explicit_rows(short_stream, variant, re
   # the parameters drift apart by rounding only (`numerics.trajectory_atol`).
   cfg = config(variant, agem_ref=ref, log_every=0)
   factored = run(short_stream, cfg)
-  explicit = run(short_stream, dataclasses.replace(cfg, memory_grads="explicit"))
+  explicit = run(short_stream, cfg.replace(memory_grads="explicit"))
   numerics.assert_trees_close_after(factored.params, explicit.params, steps=N_TASKS * SHORT)
   for name in ("violations", "projections", "steps"):
     np.testing.assert_array_equal(factored.counters[name], explicit.counters[name], err_msg=name)
@@ -100,7 +102,7 @@ def test_factored_memory_gradients_equal_explicit_rows(short_stream, variant, re
 def test_same_seed_same_result_and_other_seed_differs(stream):
   # The same program twice (one compiled function), bit for bit; another seed differs.
   cfg = config("agem", agem_ref="pooled")
-  train = jax.jit(make_train(cfg))
+  train = jax.jit(make_train(cfg.config, cfg.rule()))
   a = train(jax.random.key(1), stream)
   b = train(jax.random.key(1), stream)
   c = train(jax.random.key(2), stream)
@@ -113,7 +115,7 @@ def test_same_seed_same_result_and_other_seed_differs(stream):
 def test_folded_evaluation_equals_transforming_the_images(stream):
   cfg = config("single")
   result = run(stream, cfg)
-  model = make_mlp(cfg.n_hiddens, cfg.n_layers)
+  model = make_mlp(cfg.config.n_hiddens, cfg.config.n_layers)
   for t in range(N_TASKS):
     x, y = tasks.eval_set(stream, t)
     pred = jnp.argmax(model.apply({"params": result.params}, x), axis=-1)
@@ -138,7 +140,7 @@ def test_one_compile_and_no_growth_with_tasks(short_stream):
     more = stream._replace(
       train_idx=tiled(stream.train_idx), pix_idx=tiled(stream.pix_idx), pix_w=tiled(stream.pix_w)
     )
-    jaxpr = jax.make_jaxpr(make_train(cfg))(jax.random.key(0), more)
+    jaxpr = jax.make_jaxpr(make_train(cfg.config, cfg.rule()))(jax.random.key(0), more)
     sizes.append(len(str(jaxpr)))
   assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]  # the program does not unroll over tasks
 
@@ -146,7 +148,7 @@ def test_one_compile_and_no_growth_with_tasks(short_stream):
 
   def counted(key, stream):
     traces.append(1)
-    return make_train(cfg)(key, stream).acc
+    return make_train(cfg.config, cfg.rule())(key, stream).acc
 
   f = jax.jit(counted)
   f(jax.random.key(0), stream)
@@ -160,9 +162,8 @@ def test_traced_hparams_match_static_config(short_stream):
   # short horizon (`numerics.trajectory_atol`), the counters exactly.
   cfg = config("gem", log_every=0)
   static = run(short_stream, cfg)
-  traced = jax.jit(make_train(cfg))(
-    jax.random.key(0), short_stream, HParams(jnp.float32(cfg.lr), jnp.float32(cfg.memory_strength))
-  )
+  hp = HParams(jnp.float32(cfg.config.lr), jnp.float32(cfg.config.memory_strength))
+  traced = jax.jit(make_train(cfg.config, cfg.rule()))(jax.random.key(0), short_stream, hp)
   numerics.assert_trees_close_after(traced.params, static.params, steps=N_TASKS * SHORT)
   np.testing.assert_array_equal(traced.counters["projections"], static.counters["projections"])
 
@@ -267,15 +268,12 @@ def test_memory_ring_buffer_follows_gem(batch):
 @pytest.mark.parametrize(
   "kwargs,match",
   [
-    (dict(variant="nope"), "unknown variant 'nope': choose one of single, independent, gem"),
     (dict(lr=0.0), "lr must be a finite number > 0"),
-    (dict(variant="gem", n_memories=0), "needs n_memories >= 1"),
+    (dict(n_memories=-1), "n_memories must be >= 0"),
     (dict(memory_strength=-1.0), "memory_strength must be a finite number >= 0"),
     (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
     (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
     (dict(memory_strength=float("nan")), "memory_strength must be a finite number >= 0, got nan"),
-    (dict(eps=float("inf")), "eps must be a finite number >= 0, got inf"),
-    (dict(agem_ref="x"), "unknown agem_ref"),
     (
       dict(memory_grads="rows"),
       "unknown memory_grads 'rows': choose one of auto, factored, explicit",
@@ -287,6 +285,35 @@ def test_memory_ring_buffer_follows_gem(batch):
 def test_bad_config(kwargs, match):
   with pytest.raises(CljaxError, match=match):
     Config(**kwargs)
+
+
+@pytest.mark.parametrize(
+  "variant,kwargs,match",
+  [
+    ("nope", {}, "unknown variant 'nope': choose one of single, independent, gem"),
+    ("gem", dict(eps=float("inf")), "eps must be a finite number >= 0, got inf"),
+    ("gem", dict(eps=-1.0), "eps must be a finite number >= 0, got -1.0"),
+    ("gem", dict(qp_max_iter=0), "qp_max_iter must be an int >= 1, got 0"),
+    ("gem", dict(qp_max_iter=10.5), "qp_max_iter must be an int >= 1, got 10.5"),
+    ("er", dict(replay_batch_size=0), "replay_batch_size must be an int >= 1, got 0"),
+    ("agem", dict(agem_ref="x"), "unknown agem_ref 'x': choose one of pooled, task_mean"),
+    ("ewc", dict(fisher="exact"), "unknown fisher 'exact'"),
+    ("gem", dict(lr=0.1), "gem has no setting 'lr': the built-in rules' settings are agem_ref"),
+    ("gem", dict(fisher="batch_squared"), r"gem does not read fisher \(it reads eps, "),
+    ("gem_grouped", dict(grouped={}), "grouped must be a cljax.grouped.state.GroupedConfig"),
+  ],
+)
+def test_bad_rule_settings_are_one_line(variant, kwargs, match):
+  with pytest.raises(CljaxError, match=match):
+    registry.make(variant, **kwargs)
+
+
+def test_a_rule_that_reads_the_memory_needs_memory_slots():
+  with pytest.raises(CljaxError, match="the rule reads the episodic memory: n_memories must be"):
+    make_train(Config(n_memories=0), registry.make("gem"))
+  make_train(Config(n_memories=0), single())  # plain SGD keeps no memory
+  with pytest.raises(CljaxError, match=r"make_train takes a cljax\.rules\.Rule, got str"):
+    make_train(Config(), "gem")
 
 
 def test_batch_larger_than_task(small_dataset):

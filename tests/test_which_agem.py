@@ -17,7 +17,8 @@ import pytest
 from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.projections import agem_project, gem_project, project_orthogonal
-from cljax.train import AGEM_RULES, Config
+from cljax.rules import registry
+from cljax.rules.registry import AGEM_RULES
 
 P = 50
 
@@ -127,7 +128,8 @@ def stream(real_stream):
 
 def _run(stream, **kw):
   """The engine tests' run (`conftest.engine_config`, margin 0.5), task-mean reference."""
-  return conftest.engine_run(stream, conftest.engine_config(**{"agem_ref": "task_mean", **kw}))
+  ref = {"agem_ref": "task_mean"} if kw["variant"] == "agem" else {}
+  return conftest.engine_run(stream, conftest.engine_config(**ref, **kw))
 
 
 # Two programs computing the same update agree to rounding only: runs are compared over their
@@ -207,14 +209,14 @@ def test_sum_and_mean_rows_differ_only_through_the_margin(stream):
   "kw,message",
   [
     ({"variant": "gem", "trigger": "reference"}, "applies to the task-mean A-GEM family"),
-    ({"variant": "agem", "agem_ref": "pooled", "projection": "qp"}, "with agem_ref pooled"),
+    ({"variant": "agem", "agem_ref": "pooled", "projection": "qp"}, r"to agem \(agem_ref pooled"),
     ({"variant": "agem_new", "projection": "sideways"}, "unknown projection 'sideways'"),
     ({"variant": "agem_old", "reference_row": "median"}, "unknown reference_row 'median'"),
   ],
 )
 def test_rule_overrides_refuse_what_means_nothing(kw, message):
   with pytest.raises(CljaxError, match=message):
-    Config(**kw)
+    registry.make(**kw)
 
 
 def test_a_qp_override_makes_memory_strength_used():

@@ -2,11 +2,13 @@
 
     from cljax import rules
     rule = rules.agem_rule(rules.task_mean(), rules.per_task(), rules.unconditional())
-    train = cljax.make_train(config, rule=rule)
+    train = cljax.make_train(config, rule)
+    train = cljax.make_train(config, rules.make("gem", eps=1e-4))   # a built-in one by name
 
 Built in: `single`, `independent`, `gem`, the A-GEM family from its pieces (`agem_rule` of a
 reference row, a trigger and a projection), the grouped variants (`grouped`), the baselines `ewc`
-and `er`; `registry.VARIANTS` names them. What a rule needs of the network it declares
+and `er`; `registry.VARIANTS` names them and `make` (`registry.make`) builds one by name with its
+settings (`registry.SETTINGS`). What a rule needs of the network it declares
 (`Rule.networks`, `Rule.hidden_units`): the engine never asks for a rule's name.
 """
 
@@ -42,6 +44,7 @@ from cljax.rules.er import er
 from cljax.rules.ewc import ewc
 from cljax.rules.gem import gem
 from cljax.rules.grouped import grouped
+from cljax.rules.registry import make
 
 __all__ = [
   "Counters",
@@ -59,6 +62,7 @@ __all__ = [
   "gem",
   "grouped",
   "independent",
+  "make",
   "one_row_qp",
   "per_task",
   "pooled",

@@ -285,7 +285,8 @@ def make(variant: str, **given: Any) -> Rule:
   Raises:
     CljaxError: as `settings`, one line.
   """
-  return VARIANTS[variant].build(settings(variant, **given))
+  full = settings(variant, **given)  # checks the name first
+  return VARIANTS[variant].build(full)
 
 
 def settings_read(variant: str, **given: Any) -> frozenset[str]:
@@ -304,10 +305,3 @@ def describe(variant: str, agem_ref: str | None) -> tuple[str, str]:
   if variant == "agem" and agem_ref:
     return f"agem_{agem_ref}", f"agem (agem_ref {agem_ref})"
   return variant, variant
-
-
-def rule_for(config: Any) -> Rule:
-  """The built-in rule of config.variant with the config's settings of it."""
-  reads = settings_read(config.variant, agem_ref=config.agem_ref, projection=config.projection)
-  given = {name: getattr(config, name) for name in SETTINGS if name in reads}
-  return make(config.variant, **given)
