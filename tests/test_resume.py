@@ -107,6 +107,10 @@ def test_a_checkpoint_of_other_settings_is_refused_in_one_line(real_fashion_dir,
   lines = [x for x in err.splitlines() if x.startswith("cljax: error: ")]
   assert len(lines) == 1 and "written under other settings or another stream" in lines[0], err
   assert "Traceback" not in err
+  # A rule's own setting (results.json's rule_settings) is part of the settings too.
+  assert cli.main([*argv, "--resume", "--replay_batch_size", "5"]) == 2
+  assert "written under other settings" in capsys.readouterr().err
+  assert cli.main([*argv, "--resume", "--keep_checkpoints"]) == 0  # the same settings resume
 
 
 def test_a_damaged_checkpoint_is_one_line(tmp_path):

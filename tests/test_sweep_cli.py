@@ -129,6 +129,9 @@ def test_sweep_equals_plain_runs_exactly_and_resumes_only_missing_records(tiny_d
   assert other.returncode == 2
   assert "refusing to mix" in other.stderr and "n_memories: 5 -> 6" in other.stderr
   assert len(other.stderr.strip().splitlines()) == 1
+  # A rule's setting is one too (the manifest's rule_settings): gem's ridge eps.
+  ridge = sweep([*argv, "--eps", "0.01"])
+  assert ridge.returncode == 2 and "eps: 0.001 -> 0.01" in ridge.stderr, ridge.stderr
 
 
 def test_one_compiled_call_across_two_host_devices(tiny_data, tmp_path):
