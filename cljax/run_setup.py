@@ -35,8 +35,8 @@ PROG = "cljax"
 NETWORKS = ("mlp", "resnet18")
 HELP_HINT = "see `python -m cljax --help`"
 
-# The seed's run settings that are not the engine's (its command line): the defaults. The rest
-# of the seed's command is `train.Config`'s defaults.
+# The seed's run settings that are neither the engine's nor a rule's (its command line): the
+# defaults. The rest of the seed's command is `train.Config`'s and `registry.SETTINGS`' defaults.
 RUN_DEFAULTS = {
   "model": "agem_new",
   "dataset": "fashion_mnist",

@@ -272,7 +272,7 @@ def conclusion(table: dict, n: int) -> list[str]:
     "",
     "**What to use, and how to add groups and relatedness.** Use the paper's conditional rule "
     "(`agem`, `--agem_ref task_mean` when the per-task memory gradients are at hand) and keep the "
-    "three choices separate, as `cljax.train.Config` does: a *reference row* built from the "
+    "three choices separate, as `cljax.rules.agem_rule` does: a *reference row* built from the "
     "per-task memory gradients (mean, sum, or any weighted combination), a *trigger*, and a "
     "*projection* (conditional closed form, or GEM's QP with an explicit margin). Groups and "
     "relatedness change only the first: a grouped A-GEM's reference is the relatedness-weighted "

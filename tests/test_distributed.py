@@ -106,6 +106,34 @@ def test_two_processes_equal_one_and_resume(tiny_data, tmp_path):  # noqa: F811
     assert load(two, name)["matrix"] == load(one, name)["matrix"]
 
 
+def test_two_processes_share_the_plain_runs_of_strategy_processes(tiny_data, tmp_path):  # noqa: F811
+  # --strategy processes across processes: each process runs every 2nd run in its own worker
+  # (the plain compiled run), so every record equals the one-process sweep's bit for bit.
+  argv = flags(tiny_data, tmp_path, "--seeds", "4", "--strategy", "processes", "--workers", "1")
+  one = str(tmp_path / "one")
+  done = subprocess.run(
+    [sys.executable, "-m", "cljax.sweep_cli", *argv, "--sweep_dir", one],
+    capture_output=True,
+    text=True,
+    env=child_env(),
+    cwd=ROOT,
+    timeout=240,
+  )
+  assert done.returncode == 0, done.stderr
+  two = str(tmp_path / "two")
+  results = sweep_in(2, [*argv, "--sweep_dir", two])
+  for code, _, err in results:
+    assert code == 0, err
+  for out in (results[0][1], results[1][1]):  # a share of 2 each
+    assert "2 runs in 1 worker process(es), strategy processes" in out, out
+  assert "| 0.01 | 0.5 | 4 |" in results[0][1]  # the summary, by process 0 alone
+  names = run_files(two)
+  assert names == run_files(one) == [f"lr0.01_ms0.5_seed{s}.json" for s in range(4)]
+  for name in names:
+    a, b = load(one, name), load(two, name)
+    assert {k: a[k] for k in SAME} == {k: b[k] for k in SAME}, name
+
+
 def test_settings_that_differ_between_processes_are_one_line(tiny_data, tmp_path):  # noqa: F811
   folder = str(tmp_path / "sweep")
   argv = flags(tiny_data, tmp_path, "--seeds", "2", "--sweep_dir", folder)

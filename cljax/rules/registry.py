@@ -13,6 +13,7 @@ sweep titles) asks this registry; nothing else lists the built-in rules.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -233,7 +234,7 @@ GROUPED_VARIANTS = GROUPED_RULES
 def _check(name: str, value: Any) -> None:
   setting = SETTINGS[name]
   if setting.choices is not None:
-    if value is not None and value not in setting.choices:
+    if value not in setting.choices and not (value is None and setting.default is None):
       raise CljaxError(f"unknown {name} {value!r}: choose one of {', '.join(setting.choices)}.")
   elif isinstance(setting.default, GroupedConfig):
     if not isinstance(value, GroupedConfig):
@@ -243,7 +244,7 @@ def _check(name: str, value: Any) -> None:
   else:  # a number; non-finite refused: nan passes every comparison and the run would diverge
     whole = isinstance(setting.default, int)
     kind = "an int" if whole else "a finite number"
-    ok = isinstance(value, int) if whole else isinstance(value, (int, float))
+    ok = isinstance(value, numbers.Integral if whole else numbers.Real)
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value < setting.minimum:
       raise CljaxError(f"{name} must be {kind} >= {setting.minimum:g}, got {value!r}.")
 
@@ -275,7 +276,8 @@ def settings(variant: str, **given: Any) -> dict[str, Any]:
           f"{name} applies to the task-mean A-GEM family ({', '.join(AGEM_RULES)}; agem with "
           f"agem_ref task_mean), not to {what}."
         )
-      raise CljaxError(f"{what} does not read {name} (it reads {', '.join(sorted(reads))}).")
+      own = sorted(reads & set(SETTINGS))
+      raise CljaxError(f"{what} does not read {name} (it reads {', '.join(own) or 'none'}).")
   return full
 
 
