@@ -435,8 +435,15 @@ def unused_dests(variant: str, agem_ref: str, projection: str | None = None) -> 
 
 
 def unused_flags(args: argparse.Namespace) -> list[str]:
-  """The flags given on the command line that the variant does not use, each once, in order."""
-  unused = unused_dests(args.model, args.agem_ref, args.projection)
+  """The flags given on the command line that the rule does not use, each once, in order.
+
+  With --rule: --model and the built-in rules' settings (its factory reads none of them).
+  """
+  if args.rule is None:
+    unused = unused_dests(args.model, args.agem_ref, args.projection)
+  else:
+    settings = [d for n, dests in _RULE_DESTS.items() if n in registry.SETTINGS for d in dests]
+    unused = {"model", *settings, *registry.OVERRIDES, *SEED_ONLY_FLAGS}
   return [f"--{dest}" for dest in args.given if dest in unused]
 
 
@@ -501,6 +508,7 @@ def parse_args(
   unused = unused_flags(args)
   if unused:
     what = registry.describe(args.model, args.agem_ref)[1].replace("(agem_ref", "(--agem_ref")
+    what = what if args.rule is None else f"--rule {args.rule}"
     notes.insert(0, f"flags not used by {what}: {', '.join(unused)}")
   return args, notes
 

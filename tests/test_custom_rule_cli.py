@@ -18,6 +18,7 @@ import pytest
 
 from cljax import __main__ as cli
 from cljax import rules, run_folder, sweep_cli
+from cljax import run_setup as setup
 from cljax.errors import CljaxError
 from cljax.sweep import grid_hparams, make_sweep, stack_streams
 from cljax.train import Config, make_train
@@ -217,3 +218,12 @@ def test_a_rules_own_hyper_parameter_is_swept_in_one_compile(real_stream):
     np.testing.assert_array_equal(np.asarray(both.acc[i]), np.asarray(plain.acc))
   with pytest.raises(CljaxError, match=r"cannot sweep \['temperature'\]"):
     grid_hparams(config, 2, rule, temperature=[1.0, 2.0])
+
+
+def test_with_a_rule_the_built_in_settings_are_reported_unused():
+  # The factory reads none of --model's settings; the engine's (here --n_memories) it may read.
+  argv = ["--rule", "my_rules:halve", "--model", "gem", "--eps", "0.01", "--n_memories", "5"]
+  _, notes = setup.parse_args([*argv, "--reference_row", "sum", "--num_groups", "4"])
+  assert notes[0] == (
+    "flags not used by --rule my_rules:halve: --model, --eps, --reference_row, --num_groups"
+  )
