@@ -403,17 +403,13 @@ class _Run(NamedTuple):
 Optimizer = Callable[[jax.Array], optax.GradientTransformation]
 
 
-def _run_parts(
-  config: Config, rule: Rule, network: Network | None, optimizer: Optimizer | None = None
-):
-  """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
+def _check_rule(config: Config, rule: Rule) -> None:
+  """Refuse, in one line, what is not a Rule, or a declaration the engine cannot follow."""
   if not isinstance(rule, Rule):
     raise CljaxError(
       f"make_train takes a cljax.rules.Rule, got {type(rule).__name__} (a built-in one by name: "
       "cljax.rules.registry.make)."
     )
-  check_network(rule, network)
-  config = resolve_config(config, network)
   if rule.uses_memory and config.n_memories < 1:
     raise CljaxError("the rule reads the episodic memory: n_memories must be >= 1, got 0.")
   if rule.memory_writes not in ("ring", "reservoir"):
@@ -424,6 +420,15 @@ def _run_parts(
     raise CljaxError(
       f"unknown networks {rule.networks!r} of the rule: choose {', '.join(NETWORKS)}."
     )
+
+
+def _run_parts(
+  config: Config, rule: Rule, network: Network | None, optimizer: Optimizer | None = None
+):
+  """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
+  _check_rule(config, rule)
+  check_network(rule, network)
+  config = resolve_config(config, network)
   evaluate = make_evaluate(config, network, rule)
 
   def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
@@ -444,12 +449,18 @@ def _run_parts(
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)), model_state
 
     def memory_passes(params, model_state, memory, t):
-      """Each past task's memory through the network in training mode, as GEM's observe."""
+      """Each past task's memory through the network in training mode, as GEM's observe.
+
+      Under a cond, so that no loop runs at t = 0: the zero-trip loop made a one-task ResNet
+      program's step 6x slower on this CPU (0.44 s vs 0.06 s).
+      """
 
       def one(k, model_state):
         return net.apply_train(params, model_state, memory.x[k])[1]
 
-      return jax.lax.fori_loop(0, t, one, model_state)
+      return jax.lax.cond(
+        t > 0, lambda: jax.lax.fori_loop(0, t, one, model_state), lambda: model_state
+      )
 
     made = {}
 

@@ -63,17 +63,22 @@ def sweep_in(n, argv, timeout_s=20, num_processes=None):
   return [finish(p) for p in procs]
 
 
-def test_two_processes_equal_one_and_resume(tiny_data, tmp_path):  # noqa: F811
-  argv = flags(tiny_data, tmp_path, "--seeds", "4", "--strategy", "map")
-  one = str(tmp_path / "one")
-  done = subprocess.run(
-    [sys.executable, "-m", "cljax.sweep_cli", "--devices", "2", *argv, "--sweep_dir", one],
+def sweep_alone(argv):
+  """The same sweep in one process (the reference), run to its end."""
+  return subprocess.run(
+    [sys.executable, "-m", "cljax.sweep_cli", *argv],
     capture_output=True,
     text=True,
     env=child_env(),
     cwd=ROOT,
     timeout=240,
   )
+
+
+def test_two_processes_equal_one_and_resume(tiny_data, tmp_path):  # noqa: F811
+  argv = flags(tiny_data, tmp_path, "--seeds", "4", "--strategy", "map")
+  one = str(tmp_path / "one")
+  done = sweep_alone(["--devices", "2", *argv, "--sweep_dir", one])
   assert done.returncode == 0, done.stderr
   two = str(tmp_path / "two")
   results = sweep_in(2, [*argv, "--sweep_dir", two])
@@ -111,14 +116,7 @@ def test_two_processes_share_the_plain_runs_of_strategy_processes(tiny_data, tmp
   # (the plain compiled run), so every record equals the one-process sweep's bit for bit.
   argv = flags(tiny_data, tmp_path, "--seeds", "4", "--strategy", "processes", "--workers", "1")
   one = str(tmp_path / "one")
-  done = subprocess.run(
-    [sys.executable, "-m", "cljax.sweep_cli", *argv, "--sweep_dir", one],
-    capture_output=True,
-    text=True,
-    env=child_env(),
-    cwd=ROOT,
-    timeout=240,
-  )
+  done = sweep_alone([*argv, "--sweep_dir", one])
   assert done.returncode == 0, done.stderr
   two = str(tmp_path / "two")
   results = sweep_in(2, [*argv, "--sweep_dir", two])
