@@ -114,13 +114,13 @@ def measure(variant: str, dataset, repeats: int) -> dict:
 
 def conv_check(dataset, repeats: int) -> tuple[float, float]:
   """Seconds per single step inside the run's scan: cljax.resnet.conv vs Flax's convolution."""
-  config, network = setup("single")
+  config, rule, network = setup("single")
   s = stream(dataset, 1, 10 * config.batch_size, test_samples=10)
-  own = run_seconds(config, network, s, repeats)[1] / 10
+  own = run_seconds(config, rule, network, s, repeats)[1] / 10
   custom = resnet._flax_conv
   resnet._flax_conv = jax.lax.conv_general_dilated  # autodiff's own backward
   try:
-    plain = run_seconds(config, network, s, repeats)[1] / 10
+    plain = run_seconds(config, rule, network, s, repeats)[1] / 10
   finally:
     resnet._flax_conv = custom
   return own, plain
