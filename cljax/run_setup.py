@@ -415,11 +415,6 @@ def data_file_settings(data_file: str) -> tuple[str, str]:
   )
 
 
-def uses_qp(variant: str, projection: str | None = None) -> bool:
-  """Whether a run solves GEM's QP with margin memory_strength (reads it, eps, qp_max_iter)."""
-  return registry.uses_qp(variant, projection)
-
-
 # The registry's rule settings as flags (argparse dests): "grouped" is the grouped variants' flags.
 _RULE_DESTS = {
   name: tuple(GROUPED_FLAGS) if name == "grouped" else (name,)
@@ -603,8 +598,9 @@ def rule_for(
 ) -> Rule:
   """The run's Rule: --model's with its settings (`registry.make`), or the --rule factory's.
 
-  config: the run's (memory_grads resolved); network: the run's (None: the MLP), checked
-  against what the rule declares (`train.check_network`).
+  config: the run's (memory_grads resolved); network: the run's (None: the MLP). What the
+  engine would refuse (`train.check_rule`) is said here, before the data loads, with the rule's
+  name.
 
   Raises:
     CljaxError: a bad --model setting, a network the rule cannot train; with --rule: a value not
@@ -614,13 +610,9 @@ def rule_for(
   if args.rule is None:
     settings = rule_settings(args)
     rule = registry.make(args.model, **settings)
-    _check_needs(args, config, rule, network, args.model)
-    if "grouped" in settings:  # what the rule would refuse when traced, said before the run
-      if config.memory_grads == "explicit":
-        raise CljaxError(
-          f"{args.model} builds its grouped rows from per-example factors: use memory_grads "
-          "'factored'."
-        )
+    split = args.protocol == "split"
+    train.check_rule(config, rule, network, name=args.model, split=split)
+    if "grouped" in settings:  # what its init refuses when traced, said before the run
       check_sizes(settings["grouped"], config.n_hiddens)
     return rule
   module_name, sep, name = args.rule.partition(":")
@@ -653,35 +645,39 @@ def rule_for(
     raise CljaxError(
       f"--rule {args.rule}: the factory returned a {type(rule).__name__}, not a cljax.rules.Rule"
     )
-  _check_needs(args, config, rule, network, f"--rule {args.rule}")
+  split = args.protocol == "split"
+  train.check_rule(config, rule, network, name=f"--rule {args.rule}", split=split)
   return rule
 
 
-def _check_needs(
-  args: argparse.Namespace, config: train.Config, rule: Rule, network: Network | None, name: str
-) -> None:
-  """What the engine refuses when it makes or traces the run, said first and with the name."""
-  train.check_network(rule, network, name)
-  if rule.uses_memory and config.n_memories < 1:
-    raise CljaxError(f"{name} reads the episodic memory: n_memories must be >= 1, got 0.")
-  if rule.hidden_units and args.protocol == "split":
-    raise CljaxError(
-      f"{name} reads the network's hidden units itself and has no multi-head form: use "
-      "--protocol permutations or rotations, or another variant."
+def parse_hparam(item: str, *, listed: bool = False) -> tuple[str, list[float]]:
+  """One --hparam NAME=VALUE as (name, [value]); listed (a sweep's NAME=V1,V2,...): every value.
+
+  Raises:
+    CljaxError: a malformed item or a value that is not a number (one line).
+  """
+  name, sep, text = item.partition("=")
+  texts = [v for v in text.split(",") if v.strip()] if listed else [text]
+  if not sep or not name.isidentifier() or not texts:
+    form = (
+      "NAME=VALUE or NAME=V1,V2,..., e.g. scale=0.5,1" if listed else "NAME=VALUE, e.g. scale=0.5"
     )
+    raise CljaxError(f"--hparam {item!r}: give {form}")
+  values = []
+  for v in texts:
+    try:
+      values.append(float(v))
+    except ValueError:
+      raise CljaxError(f"--hparam {item}: {v!r} is not a number") from None
+  return name, values
 
 
 def hparam_values(args: argparse.Namespace) -> dict[str, float]:
   """The --hparam NAME=VALUE flags as {name: value} (CljaxError: a malformed one, one line)."""
   out = {}
   for item in getattr(args, "hparam", None) or []:
-    name, sep, value = item.partition("=")
-    if not sep or not name.isidentifier():
-      raise CljaxError(f"--hparam {item!r}: give NAME=VALUE, e.g. scale=0.5")
-    try:
-      out[name] = float(value)
-    except ValueError:
-      raise CljaxError(f"--hparam {item}: {value!r} is not a number") from None
+    name, (value,) = parse_hparam(item)
+    out[name] = value
   return out
 
 
@@ -828,7 +824,7 @@ def divergence_message(
     rest = f"tasks {t + 1}-{n_tasks - 1} were not trained; "
   else:
     rest = ""
-  knobs = "--lr or --memory_strength" if uses_qp(variant, projection) else "--lr"
+  knobs = "--lr or --memory_strength" if registry.uses_qp(variant, projection) else "--lr"
   return (
     f"parameters became non-finite while training task {t}; {rest}results so far are kept in "
     f"{folder}; try a lower {knobs}"

@@ -93,16 +93,7 @@ def split_grid(argv: Sequence[str]) -> tuple[list[str], dict[str, list[float]]]:
         "and take comma-separated lists."
       )
     if token.startswith("--") and name == "hparam" and value is not None:  # NAME=V1,V2
-      own, sep, listed_values = value.partition("=")
-      texts = [v for v in listed_values.split(",") if v.strip()] if sep else []
-      if not texts or not own.isidentifier():
-        raise CljaxError(f"--hparam {value!r}: give NAME=VALUE or NAME=V1,V2,..., e.g. scale=0.5,1")
-      values = []
-      for v in texts:
-        try:
-          values.append(float(v))
-        except ValueError:
-          raise CljaxError(f"--hparam {value}: {v!r} is not a number") from None
+      own, values = setup.parse_hparam(value, listed=True)
       grid[f"hparam:{own}"] = list(dict.fromkeys(values))
       out += ["--hparam", f"{own}={values[0]!r}"]
       i += 1 if has_inline else 2

@@ -225,7 +225,8 @@ class RunResult(NamedTuple):
 def default_hparams(config: Config, rule: Rule | None = None) -> HParams:
   """The config's lr and memory_strength, and the rule's own defaults (`Rule.hparams`), float32.
 
-  Numpy scalars: made before JAX's backend starts (a sweep sets its device count first).
+  jax arrays (`run_setup.run_hparams` makes numpy ones, for a sweep that sets its device count
+  before JAX's backend starts).
   """
   extra = None
   if rule is not None and rule.hparams:
@@ -274,25 +275,63 @@ def resolve_config(config: Config, network: Network | None = None) -> Config:
   return dataclasses.replace(config, memory_grads="factored" if dense else "explicit")
 
 
-def check_network(rule: Rule, network: Network | None, name: str = "the rule") -> None:
-  """Refuse, in one line, a network that the rule's declared needs rule out.
+def check_rule(
+  config: Config,
+  rule: Rule,
+  network: Network | None = None,
+  *,
+  name: str = "the rule",
+  split: bool = False,
+) -> None:
+  """Refuse, in one line, a run the engine cannot make of this rule (`make_train` calls it).
 
-  `Rule.hidden_units`: cljax's MLP only; `Rule.networks` per task: no network state. name: the
-  rule's, for the message. None (cljax's MLP) fits every rule.
+  Not a Rule; declarations the engine cannot follow (`Rule.memory_writes`, `Rule.networks`); a
+  memory rule without memory slots; what its declared needs rule out: `Rule.hidden_units` reads
+  cljax's MLP's hidden units from per-example factors (the MLP only, memory_grads factored, no
+  split stream), per-task networks carry no network state. config: memory_grads resolved
+  (`resolve_config`); network None: cljax's MLP; name: the rule's, for the messages; split: the
+  stream is split (task-incremental; otherwise refused when traced).
   """
-  if network is None:
-    return
-  if rule.hidden_units and not network.mlp:
+  if not isinstance(rule, Rule):
+    raise CljaxError(
+      f"make_train takes a cljax.rules.Rule, got {type(rule).__name__} (a built-in one by name: "
+      "cljax.rules.registry.make)."
+    )
+  if rule.memory_writes not in ("ring", "reservoir"):
+    raise CljaxError(
+      f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
+    )
+  if rule.networks not in NETWORKS:
+    raise CljaxError(
+      f"unknown networks {rule.networks!r} of the rule: choose {', '.join(NETWORKS)}."
+    )
+  if rule.uses_memory and config.n_memories < 1:
+    raise CljaxError(f"{name} reads the episodic memory: n_memories must be >= 1, got 0.")
+  if network is not None and rule.hidden_units and not network.mlp:
     raise CljaxError(
       f"{name} groups the hidden Dense units of cljax's MLP, which a "
       f"{type(network.module).__name__} does not have: use another variant, or the MLP "
       "(network None)."
     )
-  if network.stateful and rule.networks != "shared":
+  if rule.hidden_units and config.memory_grads == "explicit":
+    raise CljaxError(
+      f"{name} builds its rows from per-example factors: use memory_grads 'factored'."
+    )
+  if network is not None and network.stateful and rule.networks != "shared":
     raise CljaxError(
       f"{name} trains one {type(network.module).__name__} per task, and its state "
       f"({', '.join(network.state)}) is not carried per task: use a network without, or another "
       "variant."
+    )
+  if split:
+    _check_split(rule, name)
+
+
+def _check_split(rule: Rule, name: str) -> None:
+  if rule.hidden_units:
+    raise CljaxError(
+      f"{name} reads the network's hidden units itself and has no multi-head form: use "
+      "protocol permutations or rotations, or another variant."
     )
 
 
@@ -403,32 +442,12 @@ class _Run(NamedTuple):
 Optimizer = Callable[[jax.Array], optax.GradientTransformation]
 
 
-def _check_rule(config: Config, rule: Rule) -> None:
-  """Refuse, in one line, what is not a Rule, or a declaration the engine cannot follow."""
-  if not isinstance(rule, Rule):
-    raise CljaxError(
-      f"make_train takes a cljax.rules.Rule, got {type(rule).__name__} (a built-in one by name: "
-      "cljax.rules.registry.make)."
-    )
-  if rule.uses_memory and config.n_memories < 1:
-    raise CljaxError("the rule reads the episodic memory: n_memories must be >= 1, got 0.")
-  if rule.memory_writes not in ("ring", "reservoir"):
-    raise CljaxError(
-      f"unknown memory_writes {rule.memory_writes!r} of the rule: choose ring or reservoir."
-    )
-  if rule.networks not in NETWORKS:
-    raise CljaxError(
-      f"unknown networks {rule.networks!r} of the rule: choose {', '.join(NETWORKS)}."
-    )
-
-
 def _run_parts(
   config: Config, rule: Rule, network: Network | None, optimizer: Optimizer | None = None
 ):
   """parts(key, stream, hparams) -> _Run: the run's pieces, shared by the scan and the driver."""
-  _check_rule(config, rule)
-  check_network(rule, network)
   config = resolve_config(config, network)
+  check_rule(config, rule, network)
   evaluate = make_evaluate(config, network, rule)
 
   def parts(key: jax.Array, stream: tasks.TaskStream, hparams: HParams | None) -> _Run:
@@ -709,11 +728,8 @@ def network_of(
     CljaxError: a hidden-units rule on a split stream, or a network that does not fit the stream.
   """
   rule = single() if rule is None else rule
-  if classes is not None and rule.hidden_units:
-    raise CljaxError(
-      f"{name} reads the network's hidden units itself and has no multi-head form: use "
-      "protocol permutations or rotations, or another variant."
-    )
+  if classes is not None:
+    _check_split(rule, name)
   per_task = rule.networks != "shared"
   if network is None:
     network = mlp_network(

@@ -166,3 +166,10 @@ def test_grouped_variant_sweeps_on_one_device_and_refuses_several_cpu_devices(ru
     assert_trees_close_after(jax.tree.map(lambda a, i=i: a[i], out.params), want.params, STEPS)
   with pytest.raises(CljaxError, match="cannot be split across 2 CPU devices"):
     make_sweep(cfg.config, cfg.rule(), devices=[cpu, cpu])
+
+
+def test_the_sweep_folder_knows_the_engines_own_counters():
+  # sweep_folder keeps a copy (it is read without importing the engine and JAX): the same names.
+  from cljax import sweep_folder, train
+
+  assert sweep_folder.ENGINE_COUNTERS == train.ENGINE_COUNTERS

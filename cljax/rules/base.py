@@ -100,8 +100,9 @@ class Rule(NamedTuple):
   What it needs of the network, declared (the engine reads these, never a rule's name):
   networks: "shared" (one network), "per_task" (one per task, a head per task on a split
   stream: GEM's independent) or "per_task_finetune" (the same, network t starting as t - 1);
-  hidden_units: it reads the hidden units of cljax's MLP itself (the grouped rules): cljax's MLP
-  only, one shared network, no multi-head form;
+  hidden_units: it reads the hidden units of cljax's MLP itself, from per-example factors (the
+  grouped rules): cljax's MLP only, memory_grads factored, one shared network, no multi-head
+  form;
   cpu_devices: whether one program may split its runs across several CPU devices (False: its
   steps block XLA's CPU threads, a LAPACK call, and a sweep must not).
   """

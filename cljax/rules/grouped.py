@@ -43,8 +43,8 @@ def grouped(kind: str, config: GroupedConfig, *, eps: float = 1e-3, max_iter: in
 
   config: the groups and relatedness settings; eps, max_iter: the QP's ridge and iteration cap
   (gem_grouped, agem_qp_grouped). The hidden layers' count and width are read from the
-  parameters at init; the rows come from per-example factors (the run's memory_grads must be
-  "factored").
+  parameters at init; the rows come from per-example factors (it declares `hidden_units`: the
+  engine refuses memory_grads "explicit").
   """
   if kind not in GROUPED_RULES:
     raise CljaxError(f"unknown grouped rule {kind!r}: choose one of {', '.join(GROUPED_RULES)}.")
@@ -110,10 +110,6 @@ def grouped(kind: str, config: GroupedConfig, *, eps: float = 1e-3, max_iter: in
     return grouped_init(config, n_tasks, n_hiddens, n_layers, n_classes)
 
   def update(g, ctx: StepContext, state):
-    if ctx.memory_grads != "factored":
-      raise CljaxError(
-        f"{kind} builds its grouped rows from per-example factors: use memory_grads 'factored'."
-      )
     # the task statistics, with the current parameters; the projection reads the state before
     acts, logits = hidden_activations(ctx.params, ctx.x)
     extra = extra_vector(config, ctx.y, logits)

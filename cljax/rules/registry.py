@@ -249,6 +249,10 @@ def _check(name: str, value: Any) -> None:
       raise CljaxError(f"{name} must be {kind} >= {setting.minimum:g}, got {value!r}.")
 
 
+def _with_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+  return {**{name: s.default for name, s in SETTINGS.items()}, **given}
+
+
 def settings(variant: str, **given: Any) -> dict[str, Any]:
   """Every `SETTINGS` name -> its value for a rule: the given ones checked, the rest defaults.
 
@@ -266,7 +270,7 @@ def settings(variant: str, **given: Any) -> dict[str, Any]:
     )
   for name, value in given.items():
     _check(name, value)
-  full = {**{name: s.default for name, s in SETTINGS.items()}, **given}
+  full = _with_defaults(given)
   reads = VARIANTS[variant].reads(full)
   for name in given:
     if name not in reads and given[name] != SETTINGS[name].default:
@@ -293,8 +297,7 @@ def make(variant: str, **given: Any) -> Rule:
 
 def settings_read(variant: str, **given: Any) -> frozenset[str]:
   """The SETTINGS and ENGINE_SETTINGS names the variant reads with these settings."""
-  full = {**{name: s.default for name, s in SETTINGS.items()}, **given}
-  return VARIANTS[variant].reads(full)
+  return VARIANTS[variant].reads(_with_defaults(given))
 
 
 def uses_qp(variant: str, projection: str | None = None) -> bool:
