@@ -108,6 +108,15 @@ def test_grouped_variants_refuse_split_in_one_line(small_dataset):
   assert "\n" not in str(err.value)
 
 
+def test_the_cli_refuses_a_grouped_variant_on_split_by_name_before_loading_data():
+  from cljax import run_setup
+
+  args, _ = run_setup.parse_args(["--model", "agem_grouped", "--protocol", "split"])
+  with pytest.raises(CljaxError, match="agem_grouped reads the network's hidden units") as err:
+    run_setup.rule_for(args, run_setup.train_config(args))
+  assert "\n" not in str(err.value)
+
+
 def test_cli_split_defaults_to_all_tasks_and_records_them(idx_dir, tmp_path, capsys):
   directory, _ = idx_dir
   argv = ["--protocol", "split", "--data_path", directory, "--samples_per_task", "2"]
